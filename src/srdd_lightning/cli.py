@@ -1,0 +1,203 @@
+"""The ``srdd`` command: LightningCLI for training stages, plus the project's own tools.
+
+    srdd fit --config experiments/digits/srdd.yaml     # fit / validate / test / predict (LightningCLI)
+    srdd data digits --out data/digits                  # pack the built-in dataset into shards
+    srdd data folder --src ~/images --out data/mine     # pack an image folder
+
+Runs live under ``runs/<name>/version_<k>/`` (config, TensorBoard events, ``checkpoints/``); the
+name defaults to the config's path below ``experiments/`` (``experiments/digits/srdd.yaml`` ->
+``digits/srdd``). ``--ckpt_path last`` resumes the newest run of that name, in its own folder.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from jsonargparse import CLI as ToolCLI
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from .checkpoint_io import AtomicCheckpointIO
+from .data.datamodule import ShardDataModule
+from .data.index import ShardIndex
+from .data.pack import pack_digits, pack_image_folder
+
+DEFAULT_RUN_ROOT = "runs"
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Save the resolved config as ``config.yaml``; a resumed run adds ``config.resume-<n>.yaml`` instead of crashing."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        log_dir = trainer.log_dir
+        if log_dir is not None and (Path(log_dir) / self.config_filename).exists():
+            n = 1
+            while (Path(log_dir) / f"config.resume-{n}.yaml").exists():
+                n += 1
+            self.config_filename = f"config.resume-{n}.yaml"
+        super().setup(trainer, pl_module, stage)
+
+
+def default_run_name(config_paths: Sequence, model_class_path: str | None) -> str:
+    """``experiments/digits/srdd.yaml`` -> ``digits/srdd``; without a config, the model class name."""
+    if config_paths:
+        p = Path(str(getattr(config_paths[-1], "relative", config_paths[-1]))).with_suffix("")
+        parts = list(p.parts)
+        if "experiments" in parts:
+            parts = parts[len(parts) - parts[::-1].index("experiments") :]
+        else:
+            parts = parts[-1:]
+        return "/".join(parts)
+    return (model_class_path or "run").rsplit(".", 1)[-1]
+
+
+def latest_version_dir(run_root: str | Path, name: str) -> Path | None:
+    base = Path(run_root) / name
+    versions = [(int(m.group(1)), p) for p in base.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    return max(versions)[1] if versions else None
+
+
+def version_of_checkpoint(ckpt_path: str | Path) -> int | None:
+    """``runs/x/version_3/checkpoints/last.ckpt`` -> 3, so a resumed run keeps logging into its folder."""
+    parent = Path(ckpt_path).resolve().parent
+    if parent.name == "checkpoints" and (m := re.fullmatch(r"version_(\d+)", parent.parent.name)):
+        return int(m.group(1))
+    return None
+
+
+class SRDDCLI(LightningCLI):
+    """LightningCLI in subclass mode (the stage is ``model.class_path``) over :class:`ShardDataModule`."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs):
+        super().__init__(
+            model_class=LightningModule,
+            subclass_mode_model=True,
+            datamodule_class=ShardDataModule,
+            save_config_callback=RunConfigSaver,
+            seed_everything_default=0,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run.name", type=str | None, default=None,
+                            help="Run name: outputs go to <run.root>/<run.name>/version_<k>/ "
+                                 "(default: the config's path below experiments/, e.g. digits/srdd).")
+        parser.add_argument("--run.root", type=str, default=DEFAULT_RUN_ROOT, help="Folder holding all runs.")
+        parser.link_arguments("seed_everything", "data.seed")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
+
+    # ---- run folder, resume and data-derived model arguments
+    def _run_name(self, cfg) -> str:
+        return cfg.run.name or default_run_name(cfg.get("config") or [], cfg.model.class_path if cfg.get("model") else None)
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        cfg = self.config[subcommand] if subcommand else self.config
+        if cfg.get("ckpt_path") == "last":
+            name = self._run_name(cfg)
+            vdir = latest_version_dir(cfg.run.root, name)
+            last = vdir / "checkpoints" / "last.ckpt" if vdir else None
+            if last is None or not last.exists():
+                raise FileNotFoundError(
+                    f"--ckpt_path last: no {Path(cfg.run.root) / name / 'version_*' / 'checkpoints' / 'last.ckpt'} "
+                    f"exists to resume from; give the checkpoint's path instead"
+                )
+            cfg.ckpt_path = str(last)
+        super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        self._fill_model_from_data(cfg)
+        if cfg.trainer.get("logger") in (None, True):
+            version = version_of_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+            cfg.trainer.logger = {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": cfg.run.root, "name": self._run_name(cfg), "version": version,
+                              "default_hp_metric": False},
+            }
+
+    def _fill_model_from_data(self, cfg) -> None:
+        """Give the model what the packed data defines (``num_classes``, ``image_size``) unless set by hand."""
+        from jsonargparse import Namespace
+        from jsonargparse._util import import_object
+
+        model_cls = import_object(cfg.model.class_path)
+        params = inspect.signature(model_cls.__init__).parameters
+        index = ShardIndex.load(cfg.data.root)
+        derived = {"num_classes": index.num_classes, "image_size": cfg.data.resolution or index.resolution}
+        init_args = cfg.model.get("init_args") or Namespace()
+        for key, value in derived.items():
+            if key not in params:
+                continue
+            given = init_args.get(key)
+            if given is None:
+                init_args[key] = value
+            elif given != value:
+                raise ValueError(
+                    f"model.init_args.{key}={given} disagrees with the data ({cfg.data.root} gives {key}={value}); "
+                    f"leave model.init_args.{key} unset to take it from the data"
+                )
+        cfg.model.init_args = init_args
+
+    def after_instantiate_classes(self) -> None:
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+# ----------------------------------------------------------------------------- tools outside LightningCLI
+
+TOOLS: dict[str, tuple[str, Callable[[Sequence[str]], None]]] = {}
+
+
+def _data_tool(argv: Sequence[str]) -> None:
+    index = ToolCLI({"digits": pack_digits, "folder": pack_image_folder}, args=list(argv), prog="srdd data",
+                    description="Pack images into train/val webdataset shards with a JSON index.")
+    if isinstance(index, ShardIndex):
+        print(index.summary())
+
+
+TOOLS["data"] = ("pack the built-in digits or an image folder into shards", _data_tool)
+
+LIGHTNING_SUBCOMMANDS = {
+    "fit": "train a stage (model.class_path picks it) on packed shards",
+    "validate": "run one validation pass",
+    "test": "run the test loop",
+    "predict": "run the predict loop",
+}
+
+
+def _print_overview() -> None:
+    print("usage: srdd <command> [options]   (srdd <command> --help for each command's options)\n")
+    print("training (LightningCLI: --config FILE, --print_config, --ckpt_path PATH|last):")
+    for name, text in LIGHTNING_SUBCOMMANDS.items():
+        print(f"  {name:<10} {text}")
+    print("\ntools:")
+    for name, (text, _) in TOOLS.items():
+        print(f"  {name:<10} {text}")
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``srdd`` console script; ``args`` lets tests drive it in-process."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help"):
+        _print_overview()
+        return
+    if argv[0] in TOOLS:
+        TOOLS[argv[0]][1](argv[1:])
+        return
+    SRDDCLI(args=None if args is None else argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Shards, the built-in digits and the datamodule."""
+
+from .datamodule import ShardDataModule
+from .index import ShardIndex
+from .pack import digits_images, pack_digits, pack_image_folder
+from .stream import CorruptSampleWarning, ShardReadError, TrainLoader, TrainStream, ValShards
+
+__all__ = [
+    "CorruptSampleWarning",
+    "ShardDataModule",
+    "ShardIndex",
+    "ShardReadError",
+    "TrainLoader",
+    "TrainStream",
+    "ValShards",
+    "digits_images",
+    "pack_digits",
+    "pack_image_folder",
+]

@@ -1,0 +1,257 @@
+"""Reading shards: a deterministic, endless, resampled training stream and a finite validation pass.
+
+Training: every (seed, epoch, rank, worker) gets its own random generator, draws shards with
+replacement, shuffles samples through a buffer of undecoded bytes and yields decoded batches. The
+random choices happen before decoding, so a resumed run can fast-forward by reading raw bytes only
+and continue exactly the same stream.
+
+Validation: shards are dealt to ranks, then to workers, in a fixed order; each sample is seen once.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+
+class ShardReadError(RuntimeError):
+    """A shard from which not a single sample could be read."""
+
+
+class CorruptSampleWarning(UserWarning):
+    """A sample (or the rest of a truncated shard) was skipped; training goes on."""
+
+
+@dataclass
+class RawSample:
+    png: bytes
+    label: int
+    flip: bool
+    key: str
+
+
+def read_shard(path: str | Path, counter: dict | None = None) -> Iterator[tuple[str, bytes, int]]:
+    """Yield ``(key, png bytes, label)`` from one shard, skipping broken samples.
+
+    A truncated or corrupt tar stops the shard early with a warning; a shard that yields nothing
+    at all raises :class:`ShardReadError` naming its path.
+    """
+    errors: list[Exception] = []
+
+    def handler(exn: Exception) -> bool:
+        errors.append(exn)
+        return True  # keep going: skip what cannot be read
+
+    n = 0
+    with open(path, "rb") as stream:  # our own handle, closed even when the consumer stops early
+        files = wds.tariterators.tar_file_expander([{"url": str(path), "stream": stream}], handler=handler)
+        for sample in wds.tariterators.group_by_keys(files, handler=handler):
+            png, cls = sample.get("png"), sample.get("cls")
+            if png is None or cls is None:
+                _skip(counter, path, f"sample {sample.get('__key__')} lacks png/cls")
+                continue
+            try:
+                label = int(cls.decode() if isinstance(cls, bytes) else cls)
+            except ValueError:
+                _skip(counter, path, f"sample {sample.get('__key__')} has a bad label {cls!r}")
+                continue
+            n += 1
+            yield sample["__key__"], png, label
+    for e in errors:
+        _skip(counter, path, f"read error: {e.args[0] if e.args else e}")
+    if n == 0:
+        detail = f": {errors[0]}" if errors else ""
+        raise ShardReadError(f"shard {path} is unreadable: no sample could be read from it{detail}")
+
+
+def _skip(counter: dict | None, path, why: str) -> None:
+    if counter is not None:
+        counter["skipped"] = counter.get("skipped", 0) + 1
+        total = counter["skipped"]
+    else:
+        total = "?"
+    warnings.warn(f"skipped corrupt data in shard {path} ({why}); {total} skipped so far", CorruptSampleWarning)
+
+
+def decode_image(png: bytes, resolution: int, flip: bool) -> torch.Tensor:
+    """PNG bytes -> ``(3, R, R)`` float in [-1, 1], resized (shorter side) and center-cropped if needed."""
+    with Image.open(io.BytesIO(png)) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    img = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    h, w = img.shape[1:]
+    if (h, w) != (resolution, resolution):
+        scale = resolution / min(h, w)
+        nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+        img = F.interpolate(img[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+        img = img[0].clamp(0, 255)
+        top, left = (nh - resolution) // 2, (nw - resolution) // 2
+        img = img[:, top : top + resolution, left : left + resolution]
+    img = img.float().div(127.5).sub(1.0)
+    if flip:
+        img = img.flip(-1)
+    return img
+
+
+def _decode_or_skip(png: bytes, resolution: int, flip: bool, counter: dict, where: str) -> torch.Tensor | None:
+    try:
+        return decode_image(png, resolution, flip)
+    except Exception as e:  # a corrupt PNG inside an intact tar: skip the sample, keep training
+        _skip(counter, where, f"undecodable image: {e}")
+        return None
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class TrainStream(IterableDataset):
+    """Endless resampled stream of ``(image, label)`` for one rank; batches are formed by the loader."""
+
+    def __init__(
+        self,
+        shards: list[Path],
+        resolution: int,
+        seed: int,
+        rank: int = 0,
+        flip: bool = False,
+        shuffle_buffer: int = 1000,
+    ):
+        if not shards:
+            raise ValueError("the training split has no shards")
+        self.shards = [Path(s) for s in shards]
+        self.resolution = resolution
+        self.seed = seed
+        self.rank = rank
+        self.flip = flip
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.epoch = 0
+        self.counter: dict = {}
+
+    def raw_samples(self, epoch: int, worker: int) -> Iterator[RawSample]:
+        """The undecoded stream of one worker; all randomness is drawn here."""
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
+        buffer: list[RawSample] = []
+        while True:
+            shard = self.shards[int(rng.integers(len(self.shards)))]
+            for key, png, label in read_shard(shard, self.counter):
+                buffer.append(RawSample(png, label, bool(self.flip and rng.random() < 0.5), key))
+                if len(buffer) >= self.shuffle_buffer:
+                    j = int(rng.integers(len(buffer)))
+                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                    yield buffer.pop()
+
+    def iterate(self, skip_samples: int = 0, worker: int | None = None) -> Iterator[tuple[torch.Tensor, int]]:
+        """Decoded samples of one worker's stream (default: this process's), after ``skip_samples`` raw ones."""
+        stream = self.raw_samples(self.epoch, _worker()[0] if worker is None else worker)
+        for _ in range(skip_samples):
+            next(stream)
+        for s in stream:
+            img = _decode_or_skip(s.png, self.resolution, s.flip, self.counter, s.key)
+            if img is not None:
+                yield img, s.label
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        return self.iterate()
+
+
+class TrainLoader:
+    """A fixed number of batches per epoch from :class:`TrainStream`; resumable mid-epoch.
+
+    Lightning saves ``state_dict()`` in checkpoints and calls ``load_state_dict()`` on resume; the
+    epoch then continues after the batches already consumed, whose bytes are read but not decoded.
+    """
+
+    def __init__(self, dataset: TrainStream, batch_size: int, batches_per_epoch: int, num_workers: int = 0,
+                 pin_memory: bool = False):
+        if batches_per_epoch < 1:
+            raise ValueError(f"an epoch needs at least one batch, got batches_per_epoch={batches_per_epoch}")
+        self.stream = dataset
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self._epoch = 0  # epoch of the current (or next) iteration
+        self._served = 0  # batches of that epoch already consumed
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator:
+        epoch, skip = self._epoch, self._served
+        self.stream.epoch = epoch
+        loader = DataLoader(
+            _SkipPerWorker(self.stream, skip, max(1, self.num_workers), self.batch_size),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+        it = iter(loader)
+        for i in range(skip, self.batches_per_epoch):
+            batch = next(it)
+            # Advance the position before yielding: Lightning stops asking after the last batch.
+            self._epoch, self._served = (epoch + 1, 0) if i + 1 == self.batches_per_epoch else (epoch, i + 1)
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches": self._served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._epoch, self._served = int(state["epoch"]), int(state["batches"])
+
+
+class _SkipPerWorker(IterableDataset):
+    """Continue a stream after ``skip_batches`` consumed batches.
+
+    The DataLoader takes batch i from worker i % W. A resumed loader starts again at worker 0, so
+    worker w plays the stream of the original worker (w + skip) % W, minus the batches it served.
+    """
+
+    def __init__(self, ds: TrainStream, skip_batches: int, workers: int, batch_size: int):
+        self.ds, self.skip_batches, self.workers, self.batch_size = ds, skip_batches, workers, batch_size
+
+    def __iter__(self):
+        role = (_worker()[0] + self.skip_batches) % self.workers
+        served = len(range(role, self.skip_batches, self.workers))
+        return self.ds.iterate(skip_samples=served * self.batch_size, worker=role)
+
+
+class ValShards(IterableDataset):
+    """Finite pass over this rank's share of the validation shards; every sample once, no shuffling."""
+
+    def __init__(self, shards: list[Path], resolution: int, rank: int = 0, world_size: int = 1):
+        self.shards = [Path(s) for s in shards]
+        self.resolution = resolution
+        self.rank = rank
+        self.world_size = world_size
+        self.counter: dict = {}
+
+    def rank_shards(self) -> list[Path]:
+        return self.shards[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        worker, workers = _worker()
+        for shard in self.rank_shards()[worker::workers]:
+            for key, png, label in read_shard(shard, self.counter):
+                img = _decode_or_skip(png, self.resolution, False, self.counter, f"{shard}:{key}")
+                if img is not None:
+                    yield img, label
+
+
+def batches_per_epoch(total_samples: int, global_batch: int) -> int:
+    """Steps in one pass over the training split at the global batch size (at least one)."""
+    return max(1, math.floor(total_samples / global_batch))
