@@ -75,13 +75,15 @@ def subset_indices(schedule: Sequence[int], trained: Sequence[int]) -> list[int]
 def phi_index(si: int, num_scales: int, num_phi: int) -> int:
     """Which of ``num_phi`` partially shared phi blends scale ``si`` of ``num_scales`` uses.
 
-    VAR picks the phi whose tick (``num_phi`` points evenly spaced in [1/(3n), 1 - 1/(3n)]) is
-    nearest to the relative position ``si / (num_scales - 1)``. Scales 2 and 7 of a 10-scale
-    schedule sit halfway between two ticks; float64 rounding of this exact computation sends them
-    to phi 1 and phi 3, and VAR's released weights depend on that, so it is computed the same way.
+    VAR picks the phi whose tick is nearest to the relative position ``si / (num_scales - 1)``; the
+    ticks are ``num_phi`` points evenly spaced in [1/(3n), 1 - 1/(3n)] for n = 4 (its release) and
+    in [1/(2n), 1 - 1/(2n)] otherwise. Scales 2 and 7 of a 10-scale schedule sit halfway between
+    two ticks; float64 rounding of this exact computation sends them to phi 1 and phi 3, and VAR's
+    released weights depend on that, so it is computed the same way.
     """
     if num_phi == 1:
         return 0
-    ticks = np.linspace(1 / 3 / num_phi, 1 - 1 / 3 / num_phi, num_phi)
+    margin = 1 / 3 / num_phi if num_phi == 4 else 1 / 2 / num_phi
+    ticks = np.linspace(margin, 1 - margin, num_phi)
     ratio = si / (num_scales - 1) if num_scales > 1 else 1.0
     return int(np.argmin(np.abs(ticks - ratio)))
