@@ -1,0 +1,604 @@
+"""The stage-2 generator: VAR's transformer with a switchable attention mask.
+
+One model serves both VAR (``attn="causal"``: scale k attends to scales <= k) and SRDD's Markov
+form (``attn="markov"``: scale k attends to scale k only, whose input already summarises every
+coarser scale; ``"markov_prev"`` adds the previous scale, an ablation). Training runs all scales
+in one teacher-forced pass (:meth:`VARTransformer.forward`); sampling runs one scale at a time
+(:meth:`VARTransformer.forward_scale`) with an explicit :class:`KVCache` owned by the caller.
+
+Token layout: ``x_BLC`` concatenates the scales of a schedule coarse-to-fine (``models/scales.py``);
+the first scale's input is a start token made from the class embedding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from srdd_lightning.models.scales import Schedule, as_schedule, num_tokens, scale_ids, scale_slices, subset_indices
+
+AttnMode = Literal["markov", "causal", "markov_prev"]
+ATTN_MODES: tuple[str, ...] = get_args(AttnMode)
+VAR_PATCH_NUMS_256: Schedule = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+
+# q, k, v (B, H, l, c) and the softmax scale -> attended values (B, H, l, c)
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InitConfig:
+    """VAR's initialisation (``init_weights``), with its command-line names noted."""
+
+    std: float | None = None
+    """Trunc-normal std of every Linear/Embedding weight and learned embedding; None = sqrt(1/(3·width))."""
+    head: float = 0.02
+    """Multiplier on the output head's weight (VAR's ``--hd``)."""
+    adaln: float = 0.5
+    """Multiplier on the AdaLN scale/shift rows (VAR's ``--aln``)."""
+    adaln_gate: float = 1e-5
+    """Multiplier on the AdaLN gate rows γ1, γ2 (VAR's ``--alng``; its README uses 1e-3 for d16/d20)."""
+
+
+@dataclass
+class GeneratorConfig:
+    """Size, schedule and mask of the generator transformer."""
+
+    depth: int = 16
+    """Number of transformer blocks."""
+    width: int | None = None
+    """Model width C; None = 64·depth (VAR's rule)."""
+    num_heads: int | None = None
+    """Attention heads; None = depth (head dim 64 with the default width)."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width / width."""
+    num_classes: int = 1000
+    """Real classes; class index ``num_classes`` is the null class of guidance. 1 = unconditional."""
+    vocab_size: int = 4096
+    """Codebook size V of the tokenizer (logits per token)."""
+    latent_dim: int = 32
+    """Code dimension Cvae of the tokenizer (input features per token)."""
+    patch_nums: tuple[int, ...] = VAR_PATCH_NUMS_256
+    """The trained scale schedule; one level and one position embedding per token of it."""
+    attn: AttnMode = "markov"
+    """Attention mask: "markov" (own scale, SRDD), "causal" (scales <= own, VAR), "markov_prev" (own + previous)."""
+    drop_path: float | None = None
+    """Stochastic-depth rate of the last block (linear from 0 over blocks); None = 0.1·depth/24 (VAR)."""
+    attn_l2_norm: bool = True
+    """Cosine attention: L2-normalised q/k with a learned per-head temperature (VAR's ``--anorm``)."""
+    cond_drop: float = 0.1
+    """Probability of replacing a label by the null class in training (used by :meth:`VARTransformer.drop_labels`)."""
+    norm_eps: float = 1e-6
+    """LayerNorm epsilon (VAR's value)."""
+    init: InitConfig = field(default_factory=InitConfig)
+    """Weight initialisation."""
+
+    def __post_init__(self) -> None:
+        self.patch_nums = as_schedule(self.patch_nums)
+        if isinstance(self.init, dict):  # from YAML / kwargs
+            self.init = InitConfig(**self.init)
+        if self.attn not in ATTN_MODES:
+            raise ValueError(f"attn must be one of {ATTN_MODES}, got {self.attn!r}")
+        for name in ("depth", "num_classes", "vocab_size", "latent_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        width, heads = self.resolved_width, self.resolved_heads
+        if width < 1 or heads < 1:
+            raise ValueError(f"width and num_heads must be >= 1, got width={width}, num_heads={heads}")
+        if width % heads:
+            raise ValueError(f"width ({width}) must be divisible by num_heads ({heads})")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not 0.0 <= self.resolved_drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.resolved_drop_path}")
+        if not 0.0 <= self.cond_drop < 1.0:
+            raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
+        if self.init.std is not None and self.init.std <= 0:
+            raise ValueError(f"init.std must be > 0 or None (automatic), got {self.init.std}")
+
+    @property
+    def resolved_width(self) -> int:
+        return int(self.width) if self.width is not None else 64 * int(self.depth)
+
+    @property
+    def resolved_heads(self) -> int:
+        return int(self.num_heads) if self.num_heads is not None else int(self.depth)
+
+    @property
+    def resolved_drop_path(self) -> float:
+        return float(self.drop_path) if self.drop_path is not None else 0.1 * self.depth / 24
+
+    def resolved(self) -> GeneratorConfig:
+        """A copy with every automatic (None) field replaced by its value."""
+        std = self.init.std if self.init.std is not None else math.sqrt(1 / (3 * self.resolved_width))
+        return dataclasses.replace(
+            self,
+            width=self.resolved_width,
+            num_heads=self.resolved_heads,
+            drop_path=self.resolved_drop_path,
+            init=dataclasses.replace(self.init, std=std),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample, x / (1-p) when kept."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep.div_(1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention, VAR-style: qkv without bias plus learned q/v biases (k bias 0), cosine q·k."""
+
+    def __init__(self, width: int, num_heads: int, l2_norm: bool) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, width // num_heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.proj = nn.Linear(width, width)
+        if l2_norm:
+            # softmax(τ_h · q̂·k̂), τ_h = exp(min(log_temp_h, log 100)), log_temp init log 4
+            self.log_temp = nn.Parameter(torch.full((num_heads,), math.log(4.0)))
+            self.scale = 1.0
+        else:
+            self.register_parameter("log_temp", None)
+            self.scale = 0.25 / math.sqrt(self.head_dim)  # VAR's scale without l2 norm
+
+    def forward(self, x_BLC: torch.Tensor, attend: Attend) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        qkv = F.linear(x_BLC, self.qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, c)
+        if self.log_temp is not None:
+            temp = self.log_temp.clamp(max=math.log(100.0)).exp().view(1, -1, 1, 1)
+            q = F.normalize(q, dim=-1).mul(temp)
+            k = F.normalize(k, dim=-1)
+        out = attend(q, k, v, self.scale)  # (B, H, L, c)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class MLP(nn.Module):
+    """Linear -> GELU(tanh) -> Linear."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class AdaLNBlock(nn.Module):
+    """Transformer block with LayerNorm (no affine) modulated by the class condition (AdaLN)."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, l2_norm: bool, drop_path: float, eps: float):
+        super().__init__()
+        self.width = width
+        self.norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
+        self.ada = nn.Linear(width, 6 * width)  # applied to SiLU(cond)
+        self.attn = SelfAttention(width, num_heads, l2_norm)
+        self.mlp = MLP(width, round(width * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, attend: Attend) -> torch.Tensor:
+        # [γ1, γ2, scale1, scale2, shift1, shift2] = Linear(SiLU(cond))    (VAR's row order)
+        g1, g2, s1, s2, b1, b2 = self.ada(F.silu(cond_BD)).view(-1, 1, 6, self.width).unbind(2)
+        # x <- x + drop_path(attn(LN(x)·(1+scale1) + shift1)·γ1);  same for the MLP with index 2
+        x_BLC = x_BLC + self.drop_path(self.attn(self.norm(x_BLC) * (1 + s1) + b1, attend) * g1)
+        x_BLC = x_BLC + self.drop_path(self.mlp(self.norm(x_BLC) * (1 + s2) + b2) * g2)
+        return x_BLC
+
+
+class AdaLNHead(nn.Module):
+    """logits = Linear(LN(x)·(1+scale) + shift), [scale, shift] = Linear(SiLU(cond))."""
+
+    def __init__(self, width: int, vocab_size: int, eps: float) -> None:
+        super().__init__()
+        self.width = width
+        self.norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
+        self.ada = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, vocab_size)
+
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada(F.silu(cond_BD)).view(-1, 1, 2, self.width).unbind(2)
+        return self.out(self.norm(x_BLC) * (1 + scale) + shift)
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache for step-wise sampling
+# --------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """K/V of earlier scales for :meth:`VARTransformer.forward_scale`, owned by the caller.
+
+    Keeps every previous scale (``causal``), only the previous one (``markov_prev``) or nothing
+    (``markov``). Re-running a scale (resampling) replaces its entry and drops later ones.
+    """
+
+    def __init__(self, schedule: Schedule, attn: str) -> None:
+        self.schedule = schedule
+        self.attn = attn
+        self._kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # scale -> per block (k, v)
+
+    def key_scales(self, si: int) -> range:
+        """Scales whose tokens a query at scale ``si`` attends to (including ``si``)."""
+        return _key_scales(self.attn, si)
+
+    @property
+    def cached_scales(self) -> list[int]:
+        return sorted(self._kv)
+
+    def clear(self) -> None:
+        self._kv.clear()
+
+    def _begin(self, si: int) -> None:
+        needed = [j for j in self.key_scales(si) if j != si]
+        missing = [j for j in needed if j not in self._kv]
+        if missing:
+            raise RuntimeError(
+                f"KVCache ({self.attn}) lacks scales {missing} needed by scale {si}: call forward_scale "
+                f"for the scales of {list(self.schedule)} in order, with the same cache"
+            )
+        for j in list(self._kv):
+            if j not in needed:
+                del self._kv[j]
+        if self.attn != "markov":
+            self._kv[si] = []
+
+    def _attend(self, si: int, block: int) -> Attend:
+        past = [self._kv[j][block] for j in self.key_scales(si) if j != si]
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+            if self.attn != "markov":  # contiguous copies, so the cache does not pin the whole qkv buffer
+                self._kv[si].append((k.contiguous(), v.contiguous()))
+            if past:
+                if past[0][0].shape[0] != k.shape[0]:
+                    raise ValueError(f"batch size changed within one KVCache: {past[0][0].shape[0]} -> {k.shape[0]}")
+                k = torch.cat([kp for kp, _ in past] + [k], dim=2)
+                v = torch.cat([vp for _, vp in past] + [v], dim=2)
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+        return attend
+
+
+def _key_scales(attn: str, si: int) -> range:
+    """Key scales of a query at scale ``si``: {si} (markov), {si-1, si} (markov_prev), {0..si} (causal)."""
+    if attn == "markov":
+        return range(si, si + 1)
+    if attn == "markov_prev":
+        return range(max(si - 1, 0), si + 1)
+    return range(0, si + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+class VARTransformer(nn.Module):
+    """VAR's class-conditional next-scale transformer; the mask is ``config.attn``."""
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        super().__init__()
+        cfg = self.config = config.resolved()
+        C, K = cfg.width, len(cfg.patch_nums)
+        assert C is not None and cfg.num_heads is not None and cfg.drop_path is not None
+        self.patch_nums: Schedule = cfg.patch_nums
+        self.num_classes = cfg.num_classes
+
+        self.word_embed = nn.Linear(cfg.latent_dim, C)
+        self.class_embed = nn.Embedding(cfg.num_classes + 1, C)  # last row: the null class
+        self.pos_start = nn.Parameter(torch.empty(1, cfg.patch_nums[0] ** 2, C))
+        self.pos_embed = nn.Parameter(torch.empty(1, num_tokens(cfg.patch_nums), C))  # one per trained token
+        self.level_embed = nn.Embedding(K, C)  # one per trained scale
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(
+            AdaLNBlock(C, cfg.num_heads, cfg.mlp_ratio, cfg.attn_l2_norm, rates[i], cfg.norm_eps)
+            for i in range(cfg.depth)
+        )
+        self.head = AdaLNHead(C, cfg.vocab_size, cfg.norm_eps)
+        self.reset_parameters()
+
+    # ---- initialisation -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """VAR's initialisation: trunc-normal everywhere, then head ×head, proj/fc2 ÷ sqrt(2·depth), AdaLN rows."""
+        init, C = self.config.init, self.config.width
+        std = init.std
+        assert std is not None and C is not None
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_start, std=std)
+        nn.init.trunc_normal_(self.pos_embed, std=std)
+        self.head.out.weight.mul_(init.head)
+        self.head.ada.weight.mul_(init.adaln)
+        for blk in self.blocks:
+            blk.attn.q_bias.zero_()
+            blk.attn.v_bias.zero_()
+            if blk.attn.log_temp is not None:
+                blk.attn.log_temp.fill_(math.log(4.0))
+            # residual outputs shrink with depth so the sum of 2·depth branches keeps unit scale
+            blk.attn.proj.weight.div_(math.sqrt(2 * len(self.blocks)))
+            blk.mlp.fc2.weight.div_(math.sqrt(2 * len(self.blocks)))
+            blk.ada.weight[: 2 * C].mul_(init.adaln_gate)  # γ1, γ2: blocks start near identity
+            blk.ada.weight[2 * C :].mul_(init.adaln)
+
+    # ---- conditioning ---------------------------------------------------------------------
+
+    @property
+    def null_class(self) -> int:
+        """Label of the unconditional (null) class used by classifier-free guidance."""
+        return self.num_classes
+
+    def drop_labels(
+        self, label_B: torch.Tensor, p: float | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Replace each label by the null class with probability ``p`` (default ``config.cond_drop``)."""
+        p = self.config.cond_drop if p is None else p
+        drop_B = torch.rand(label_B.shape, generator=generator, device=label_B.device) < p
+        return torch.where(drop_B, torch.full_like(label_B, self.null_class), label_B)
+
+    def embed_condition(self, label_B: torch.Tensor, with_null: bool = False) -> torch.Tensor:
+        """Class embedding cond_BD; ``with_null`` appends null-class rows (cond rows, then null rows) for CFG."""
+        if label_B.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"labels must be an integer tensor, got {label_B.dtype}")
+        if label_B.numel() and (int(label_B.min()) < 0 or int(label_B.max()) > self.null_class):
+            raise ValueError(
+                f"labels must lie in [0, {self.null_class}] (num_classes={self.num_classes}, "
+                f"{self.null_class} = null class), got [{int(label_B.min())}, {int(label_B.max())}]"
+            )
+        if with_null:
+            label_B = torch.cat((label_B, torch.full_like(label_B, self.null_class)))
+        return self.class_embed(label_B)
+
+    def _as_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        return cond if cond.is_floating_point() else self.embed_condition(cond)
+
+    # ---- schedules and embeddings ---------------------------------------------------------
+
+    def _schedule(self, schedule: Sequence[int] | None) -> tuple[Schedule, list[int]]:
+        """Validated schedule and the trained index of each of its scales."""
+        sched = self.patch_nums if schedule is None else as_schedule(schedule)
+        trained_idx = subset_indices(sched, self.patch_nums)
+        first_l = self.pos_start.shape[1]
+        if sched[0] ** 2 != first_l and first_l != 1:
+            raise ValueError(
+                f"schedule {list(sched)} starts at {sched[0]}, but the start token was trained for "
+                f"{self.patch_nums[0]}x{self.patch_nums[0]} tokens (patch_nums {list(self.patch_nums)})"
+            )
+        return sched, trained_idx
+
+    def _level_pos(self, trained_si: int) -> torch.Tensor:
+        """(1, pn², C) level + position embedding of a trained scale."""
+        s = scale_slices(self.patch_nums)[trained_si]
+        return self.pos_embed[:, s] + self.level_embed.weight[trained_si]
+
+    def _start_tokens(self, cond_BD: torch.Tensor, pn: int) -> torch.Tensor:
+        """First-scale input: class embedding + pos_start (broadcast over pn² tokens if trained for one)."""
+        return (cond_BD.unsqueeze(1) + self.pos_start).expand(-1, pn * pn, -1)
+
+    # ---- attention plans ------------------------------------------------------------------
+
+    def _sequence_attention(self, schedule: Schedule, device: torch.device) -> Attend:
+        """Attention over a whole teacher-forced sequence under ``config.attn``.
+
+        ``causal`` uses a dense block-causal boolean mask (VAR: attend iff scale(q) >= scale(k)).
+        ``markov``/``markov_prev`` never build an L×L mask: each scale attends to its own contiguous
+        key range with one SDPA call, so the cost is sum pn⁴ (plus the previous scale's keys).
+        """
+        attn = self.config.attn
+        if attn == "causal":
+            sid_L = scale_ids(schedule, device=device)
+            mask_LL = sid_L[:, None] >= sid_L[None, :]
+
+            def attend_masked(q, k, v, scale):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LL, scale=scale)
+
+            return attend_masked
+
+        slices = scale_slices(schedule)
+        ranges = [(s, slice(slices[_key_scales(attn, si)[0]].start, s.stop)) for si, s in enumerate(slices)]
+
+        def attend_per_scale(q, k, v, scale):
+            sdpa = F.scaled_dot_product_attention
+            return torch.cat([sdpa(q[:, :, qs], k[:, :, ks], v[:, :, ks], scale=scale) for qs, ks in ranges], dim=2)
+
+        return attend_per_scale
+
+    # ---- training: all scales in one pass -------------------------------------------------
+
+    def forward(
+        self, label_B: torch.Tensor, x_BLC: torch.Tensor, schedule: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Teacher-forced logits_BLV (float32) of every scale of ``schedule`` (default: the trained one).
+
+        ``x_BLC`` (B, L - schedule[0]², Cvae) holds the inputs of scales 1..: the area-downsampled
+        cumulative f_hat of the coarser scales. Labels are used as given (see :meth:`drop_labels`).
+        """
+        sched, trained_idx = self._schedule(schedule)
+        B, first_l = label_B.shape[0], sched[0] ** 2
+        expected = (B, num_tokens(sched) - first_l, self.config.latent_dim)
+        if tuple(x_BLC.shape) != expected:
+            raise ValueError(
+                f"x_BLC must have shape (B, L - first_l, latent_dim) = {expected} for schedule {list(sched)}, "
+                f"got {tuple(x_BLC.shape)}"
+            )
+        # embeddings in float32, as VAR: the level/position embeddings are small next to the tokens
+        with torch.autocast(device_type=x_BLC.device.type, enabled=False):
+            cond_BD = self.embed_condition(label_B).float()
+            h_BLC = torch.cat((self._start_tokens(cond_BD, sched[0]), self.word_embed(x_BLC.float())), dim=1)
+            h_BLC = h_BLC + torch.cat([self._level_pos(t) for t in trained_idx], dim=1)
+        attend = self._sequence_attention(sched, x_BLC.device)
+        for blk in self.blocks:
+            h_BLC = blk(h_BLC, cond_BD, attend)
+        return self.head(h_BLC, cond_BD).float()
+
+    # ---- sampling: one scale at a time ----------------------------------------------------
+
+    def new_cache(self, schedule: Sequence[int] | None = None) -> KVCache:
+        """An empty cache for step-wise sampling over ``schedule`` (default: the trained one)."""
+        sched, _ = self._schedule(schedule)
+        return KVCache(sched, self.config.attn)
+
+    def forward_scale(
+        self,
+        si: int,
+        cond: torch.Tensor,
+        x_BlC: torch.Tensor | None,
+        cache: KVCache | None = None,
+        schedule: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Logits_BlV (float32) of scale ``si`` of the schedule (``cache.schedule``, else ``schedule``/trained).
+
+        ``cond``: labels (B,) or a condition cond_BD from :meth:`embed_condition` (e.g. 2B rows for
+        CFG). ``x_BlC``: that scale's input (B, pn², Cvae), None at si = 0 (start token). ``causal`` and
+        ``markov_prev`` need the cache holding the earlier scales; ``markov`` needs none.
+        """
+        if cache is None:
+            if self.config.attn != "markov":
+                raise ValueError(f"attn={self.config.attn!r} needs a KVCache: pass cache=model.new_cache(schedule)")
+            sched, trained_idx = self._schedule(schedule)
+        else:
+            if cache.attn != self.config.attn:
+                raise ValueError(f"cache was made for attn={cache.attn!r}, the model uses {self.config.attn!r}")
+            if schedule is not None and as_schedule(schedule) != cache.schedule:
+                raise ValueError(f"schedule {list(schedule)} differs from the cache's {list(cache.schedule)}")
+            sched, trained_idx = self._schedule(cache.schedule)
+        if not 0 <= si < len(sched):
+            raise IndexError(f"scale index {si} out of range for schedule {list(sched)}")
+        cond_BD = self._as_cond(cond)
+        pn = sched[si]
+        with torch.autocast(device_type=cond_BD.device.type, enabled=False):
+            cond_BD = cond_BD.float()
+            if si == 0:
+                if x_BlC is not None:
+                    raise ValueError("the first scale's input is the start token: pass x_BlC=None at si=0")
+                h_BlC = self._start_tokens(cond_BD, pn)
+            else:
+                expected = (cond_BD.shape[0], pn * pn, self.config.latent_dim)
+                if x_BlC is None or tuple(x_BlC.shape) != expected:
+                    got = None if x_BlC is None else tuple(x_BlC.shape)
+                    raise ValueError(f"x_BlC of scale {si} (pn={pn}) must have shape {expected} (cond rows), got {got}")
+                h_BlC = self.word_embed(x_BlC.float())
+            h_BlC = h_BlC + self._level_pos(trained_idx[si])
+
+        if cache is not None:
+            cache._begin(si)
+        for i, blk in enumerate(self.blocks):
+            attend = cache._attend(si, i) if cache is not None else _plain_attend
+            h_BlC = blk(h_BlC, cond_BD, attend)
+        return self.head(h_BlC, cond_BD).float()
+
+    # ---- optimisation ---------------------------------------------------------------------
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Parameters AdamW should not decay: biases, 1-D params, embeddings, temperatures."""
+        embeddings = {"class_embed.weight", "level_embed.weight", "pos_start", "pos_embed"}
+        return {
+            name
+            for name, p in self.named_parameters()
+            if p.ndim < 2 or name in embeddings or name.endswith(("bias", "log_temp"))
+        }
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Two AdamW groups: weight matrices decayed by ``weight_decay``, the rest not."""
+        no_decay = self.no_weight_decay_names()
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        return [
+            {"params": [p for n, p in named if n not in no_decay], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0},
+        ]
+
+
+def _plain_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+
+def _var(depth: int, adaln_gate: float) -> Callable[..., GeneratorConfig]:
+    # Width 64·depth and heads = depth come from the config defaults; alng from VAR's README recipe.
+    def make(**overrides) -> GeneratorConfig:
+        return _with_overrides(GeneratorConfig(depth=depth, init=InitConfig(adaln_gate=adaln_gate)), overrides)
+
+    return make
+
+
+# The CPU presets match the "tiny" tokenizer (32 px digits: V 512, C 16, scales up to 8×8).
+_DIGITS = dict(num_classes=10, vocab_size=512, latent_dim=16, patch_nums=(1, 2, 3, 4, 6, 8))
+
+
+def tiny(**overrides) -> GeneratorConfig:
+    """CPU tests and the digits smoke run: 2 blocks, width 128 (~0.7 M parameters)."""
+    return _with_overrides(GeneratorConfig(depth=2, width=128, num_heads=2, **_DIGITS), overrides)
+
+
+def small(**overrides) -> GeneratorConfig:
+    """CPU-sized digits experiments: 4 blocks, width 256 (~5 M parameters)."""
+    return _with_overrides(GeneratorConfig(depth=4, width=256, num_heads=4, **_DIGITS), overrides)
+
+
+PRESETS: dict[str, Callable[..., GeneratorConfig]] = {
+    "tiny": tiny,
+    "small": small,
+    "var-d16": _var(16, 1e-3),  # 310M parameters
+    "var-d20": _var(20, 1e-3),  # 600M
+    "var-d24": _var(24, 1e-4),  # 1.0B
+    "var-d30": _var(30, 1e-5),  # 2.0B
+}
+
+
+def _with_overrides(base: GeneratorConfig, overrides: dict) -> GeneratorConfig:
+    fields = {f.name for f in dataclasses.fields(GeneratorConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"unknown GeneratorConfig fields {unknown}; valid: {sorted(fields)}")
+    return dataclasses.replace(base, **overrides)
+
+
+def generator_config(preset: str, **overrides) -> GeneratorConfig:
+    """The config of a named preset, with fields overridden."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown generator preset {preset!r}; available: {sorted(PRESETS)}")
+    return PRESETS[preset](**overrides)
+
+
+def build_generator(preset: str, **overrides) -> VARTransformer:
+    """Build a named preset (``var-d16``, ``tiny``, ...), e.g. ``build_generator("var-d16", attn="causal")``."""
+    return VARTransformer(generator_config(preset, **overrides))

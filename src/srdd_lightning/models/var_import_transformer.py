@@ -1,0 +1,163 @@
+"""Load VAR's released transformer weights (``var_d16.pth`` ... ``var_d30.pth``) into :class:`VARTransformer`.
+
+VAR's names map one to one onto ours; the per-head temperature ``scale_mul_1H11`` (1, H, 1, 1)
+becomes ``log_temp`` (H,). VAR's buffers (the level ids, its dense training mask, the zero k bias)
+are recomputed by our model and only checked. VAR's weights compute VAR's function with
+``attn="causal"``, the default here when a preset name is given.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+
+from srdd_lightning.models.transformer import GeneratorConfig, VARTransformer, generator_config
+
+# VAR name pattern -> our name; blocks keep their index.
+_BLOCK_RENAMES = {
+    "attn.mat_qkv.weight": "attn.qkv.weight",
+    "attn.q_bias": "attn.q_bias",
+    "attn.v_bias": "attn.v_bias",
+    "attn.scale_mul_1H11": "attn.log_temp",
+    "attn.proj.weight": "attn.proj.weight",
+    "attn.proj.bias": "attn.proj.bias",
+    "ffn.fc1.weight": "mlp.fc1.weight",
+    "ffn.fc1.bias": "mlp.fc1.bias",
+    "ffn.fc2.weight": "mlp.fc2.weight",
+    "ffn.fc2.bias": "mlp.fc2.bias",
+    "ada_lin.1.weight": "ada.weight",
+    "ada_lin.1.bias": "ada.bias",
+}
+_TOP_RENAMES = {
+    "word_embed.weight": "word_embed.weight",
+    "word_embed.bias": "word_embed.bias",
+    "class_emb.weight": "class_embed.weight",
+    "pos_start": "pos_start",
+    "pos_1LC": "pos_embed",
+    "lvl_embed.weight": "level_embed.weight",
+    "head_nm.ada_lin.1.weight": "head.ada.weight",
+    "head_nm.ada_lin.1.bias": "head.ada.bias",
+    "head.weight": "head.out.weight",
+    "head.bias": "head.out.bias",
+}
+# Buffers VAR stores that our model derives itself (level ids, dense block-causal mask, zero k bias).
+_IGNORED_TOP = {"lvl_1L", "attn_bias_for_masking"}
+_IGNORED_BLOCK = {"attn.zero_k_bias"}
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def var_key_to_ours(key: str) -> str | None:
+    """Our parameter name for VAR's ``key``; None for VAR buffers that we recompute."""
+    if key in _IGNORED_TOP:
+        return None
+    if key in _TOP_RENAMES:
+        return _TOP_RENAMES[key]
+    m = _BLOCK_KEY.match(key)
+    if m:
+        idx, rest = m.groups()
+        if rest in _IGNORED_BLOCK:
+            return None
+        if rest in _BLOCK_RENAMES:
+            return f"blocks.{idx}.{_BLOCK_RENAMES[rest]}"
+    if key.startswith("shared_ada_lin.") or key.endswith(".ada_gss"):
+        raise ValueError(f"checkpoint uses VAR's shared AdaLN ({key}, the 512 px d36 model), which is not supported")
+    raise KeyError(key)
+
+
+def convert_var_state_dict(var_sd: Mapping[str, torch.Tensor], model: VARTransformer) -> dict[str, torch.Tensor]:
+    """VAR's transformer state dict -> ours for ``model``; raises on missing, unexpected or misshaped keys."""
+    ours = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for key, value in var_sd.items():
+        try:
+            name = var_key_to_ours(key)
+        except KeyError:
+            unexpected.append(key)
+            continue
+        if name is None:
+            if key.endswith("zero_k_bias") and torch.count_nonzero(value):
+                raise ValueError(f"{key} is not zero; our attention has no k bias")
+            continue
+        if name not in ours:  # e.g. a block index beyond our depth, or a temperature without attn_l2_norm
+            unexpected.append(key)
+            continue
+        if name.endswith("log_temp"):
+            value = value.reshape(-1)  # (1, H, 1, 1) -> (H,)
+        if tuple(value.shape) != tuple(ours[name].shape):
+            raise ValueError(
+                f"{key} has shape {tuple(value.shape)}, the model expects {tuple(ours[name].shape)} for {name}: "
+                f"{_shape_hint(name, model)}"
+            )
+        out[name] = value.to(ours[name].dtype)
+    missing = sorted(set(ours) - set(out))
+    if unexpected or missing:
+        raise ValueError(
+            f"VAR checkpoint does not match the model (depth={model.config.depth}, "
+            f"attn_l2_norm={model.config.attn_l2_norm}): unexpected VAR keys {_head(sorted(unexpected))}, "
+            f"our keys without a value {_head(missing)}"
+        )
+    return out
+
+
+def _head(keys: list[str], n: int = 8) -> str:
+    return f"{keys[:n]}{' ...' if len(keys) > n else ''}"
+
+
+def _shape_hint(name: str, model: VARTransformer) -> str:
+    cfg = model.config
+    hints = {
+        "class_embed.weight": f"set num_classes (now {cfg.num_classes}; the table has num_classes + 1 rows)",
+        "head.out.weight": f"set vocab_size (now {cfg.vocab_size})",
+        "head.out.bias": f"set vocab_size (now {cfg.vocab_size})",
+        "word_embed.weight": f"set latent_dim (now {cfg.latent_dim})",
+        "pos_embed": f"set patch_nums (now {list(cfg.patch_nums)})",
+        "pos_start": f"set patch_nums (now {list(cfg.patch_nums)})",
+        "level_embed.weight": f"set patch_nums (now {list(cfg.patch_nums)})",
+    }
+    return hints.get(name, f"check depth/width/num_heads (now {cfg.depth}/{cfg.width}/{cfg.num_heads})")
+
+
+def _read(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"VAR transformer checkpoint not found: {os.fspath(path)!r}. Download VAR's released weights "
+            f"(var_d16.pth ... var_d30.pth) and give that file's path; nothing is downloaded at run time"
+        )
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    # VAR's trainer checkpoints (ar-ckpt-*.pth) nest the model under trainer/var_wo_ddp.
+    if isinstance(sd, Mapping) and "trainer" in sd and "var_wo_ddp" in sd["trainer"]:
+        sd = sd["trainer"]["var_wo_ddp"]
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{os.fspath(path)!r} does not hold a state dict (got {type(sd).__name__})")
+    return sd
+
+
+def load_var_transformer(
+    src: str | os.PathLike | Mapping[str, torch.Tensor],
+    config: str | GeneratorConfig = "var-d16",
+    **overrides,
+) -> VARTransformer:
+    """Build our model from VAR's weights (a path or a state dict).
+
+    ``config`` is a preset name (then ``attn`` defaults to "causal", VAR's function; pass
+    ``attn="markov"`` to start an SRDD fine-tune from VAR) or a full :class:`GeneratorConfig`.
+    """
+    if isinstance(src, Mapping):  # the caller keeps its dict: do not alias its tensors into the model
+        var_sd = {k: v.clone() for k, v in src.items()}
+    else:
+        var_sd = _read(src)
+    if isinstance(config, str):
+        cfg = generator_config(config, **{"attn": "causal", **overrides})
+    else:
+        if overrides:
+            raise TypeError("pass overrides with a preset name, or put them in the GeneratorConfig")
+        cfg = config
+    with torch.device("meta"):  # no wasted random init: every tensor is replaced below
+        model = VARTransformer(cfg)
+    state = convert_var_state_dict(var_sd, model)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
