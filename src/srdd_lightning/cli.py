@@ -11,10 +11,11 @@ name defaults to the config's path below ``experiments/`` (``experiments/digits/
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from jsonargparse import CLI as ToolCLI
@@ -157,7 +158,8 @@ class SRDDCLI(LightningCLI):
 
 # ----------------------------------------------------------------------------- tools outside LightningCLI
 
-TOOLS: dict[str, tuple[str, Callable[[Sequence[str]], None]]] = {}
+# name -> (help line, "module:function" taking argv); imported only when used, so `srdd fit` stays lean.
+TOOLS: dict[str, tuple[str, str]] = {}
 
 
 def _data_tool(argv: Sequence[str]) -> None:
@@ -167,7 +169,9 @@ def _data_tool(argv: Sequence[str]) -> None:
         print(index.summary())
 
 
-TOOLS["data"] = ("pack the built-in digits or an image folder into shards", _data_tool)
+TOOLS["data"] = ("pack the built-in digits or an image folder into shards", "srdd_lightning.cli:_data_tool")
+TOOLS["sample"] = ("sample a trained generator into PNGs, grid.png and samples.npz (also editing)",
+                   "srdd_lightning.sampling.sample_cli:main")
 
 LIGHTNING_SUBCOMMANDS = {
     "fit": "train a stage (model.class_path picks it) on packed shards",
@@ -194,7 +198,8 @@ def main(args: Sequence[str] | None = None) -> None:
         _print_overview()
         return
     if argv[0] in TOOLS:
-        TOOLS[argv[0]][1](argv[1:])
+        module, func = TOOLS[argv[0]][1].split(":")
+        getattr(importlib.import_module(module), func)(argv[1:])
         return
     SRDDCLI(args=None if args is None else argv)
 

@@ -1,0 +1,542 @@
+"""Stage 2 (SRDDModule): loading by path, tokenizer pairing, VAR's loss and optimiser, fit/resume through the
+CLI, sample grids, ``srdd sample`` (files, resume, seeds, ranks, editing) and the experiment configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from srdd_lightning.cli import main
+from srdd_lightning.loading import load_generator, load_tokenizer, resolve_checkpoint
+from srdd_lightning.models.ema import EMA
+from srdd_lightning.models.tokenizer import build_tokenizer
+from srdd_lightning.sampling.sampler import Sampler
+from srdd_lightning.stages.generator import SRDDModule, WarmupLinearDecay, token_cross_entropy, var_loss
+from srdd_lightning.utils.images import load_png, save_png, to_uint8
+
+REPO = Path(__file__).resolve().parents[1]
+SRDD = "srdd_lightning.stages.generator.SRDDModule"
+SMALL = {"depth": 1, "width": 64, "num_heads": 2}  # a 1-block generator: seconds per fit on the CPU
+GREEDY = ["--cfg", "1.0", "--top_k", "0", "--top_p", "1.0"]
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: a TokenizerModule-contract checkpoint and a short training run
+# --------------------------------------------------------------------------------------------
+
+
+def save_tokenizer_module_ckpt(path: Path, seed: int = 0, ema_offset: float = 0.01) -> torch.nn.Module:
+    """The TokenizerModule checkpoint contract: hyper_parameters.preset/overrides, ``tokenizer.*`` weights,
+    EMA shadows ``ema.shadow__<name>``. The EMA differs from the raw weights by ``ema_offset``."""
+    torch.manual_seed(seed)
+    tok = build_tokenizer("tiny-16")
+    ema = EMA(tok)
+    with torch.no_grad():
+        for name, _ in tok.named_parameters():
+            getattr(ema, EMA._key(name)).add_(ema_offset)
+    sd = {f"tokenizer.{k}": v for k, v in tok.state_dict().items()}
+    sd.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": sd, "hyper_parameters": {"preset": "tiny-16", "overrides": {}}, "global_step": 7}, path)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tok_run(tmp_path_factory) -> Path:
+    """A tokenizer run folder ``.../runs/tok`` with version_0 (and an empty, newer version_1 without checkpoint)."""
+    root = tmp_path_factory.mktemp("tok") / "runs" / "tok"
+    save_tokenizer_module_ckpt(root / "version_0" / "checkpoints" / "last.ckpt")
+    (root / "version_1").mkdir()
+    return root
+
+
+def module(tok_run: Path, **kw) -> SRDDModule:
+    args = {"num_classes": 10, "image_size": 16, "generator_overrides": dict(SMALL), **kw}
+    return SRDDModule(str(tok_run), **args)
+
+
+class StopAt(pl.Callback):
+    """Interrupt a run after optimizer step ``step`` (as a crash or preemption would), saving last.ckpt."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def write_config(tmp_path: Path, digits_root: Path, tok_run: Path, max_steps: int = 6, stop_at: int | None = None,
+                 trainer: dict | None = None, **model) -> Path:
+    cfg = {
+        "model": {"class_path": SRDD, "init_args": {"tokenizer_ckpt": str(tok_run), "generator_overrides": dict(SMALL),
+                                                     "warmup_steps": 2, "ema_decay": 0.9, **model}},
+        "data": {"root": str(digits_root), "batch_size": 16},
+        "trainer": {"accelerator": "cpu", "max_steps": max_steps, "val_check_interval": 3, "check_val_every_n_epoch": None,
+                    "limit_val_batches": 2, "enable_progress_bar": False, "enable_model_summary": False,
+                    "log_every_n_steps": 1,
+                    "callbacks": [{"class_path": "srdd_lightning.callbacks.SampleGrid",
+                                   "init_args": {"every_n_steps": 3, "num_per_class": 2, "max_classes": 3,
+                                                 "sampling": {"cfg": 1.0, "top_k": 0, "top_p": 1.0}}}]},
+        "run": {"root": str(tmp_path / "runs")},
+    }  # fmt: skip
+    cfg["trainer"].update(trainer or {})
+    if stop_at is not None:
+        cfg["trainer"]["callbacks"].append({"class_path": f"{__name__}.StopAt", "init_args": {"step": stop_at}})
+    path = tmp_path / "experiments" / "gen" / "srdd.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits_root, tok_run) -> dict:
+    """6 steps uninterrupted, and interrupted after 3 steps then resumed to 6, through ``srdd fit`` in-process."""
+    ref = tmp_path_factory.mktemp("ref")
+    main(["fit", "--config", str(write_config(ref, digits_root, tok_run, max_steps=6))])
+    res = tmp_path_factory.mktemp("res")
+    cfg = write_config(res, digits_root, tok_run, max_steps=6, stop_at=3)
+    main(["fit", "--config", str(cfg)])
+    assert _ckpt(res / "runs" / "gen" / "srdd" / "version_0")["global_step"] == 3
+    main(["fit", "--config", str(cfg), "--ckpt_path", "last"])
+    return {"ref": ref / "runs" / "gen" / "srdd" / "version_0", "res": res / "runs" / "gen" / "srdd" / "version_0"}
+
+
+def _ckpt(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def test_resolve_checkpoint(tmp_path, tok_run):
+    last = tok_run / "version_0" / "checkpoints" / "last.ckpt"
+    assert resolve_checkpoint(last) == last
+    assert resolve_checkpoint(tok_run) == last  # newest version *with* a checkpoint
+    assert resolve_checkpoint(tok_run / "version_0") == last
+    assert resolve_checkpoint(tok_run / "version_0" / "checkpoints") == last
+    runs = tmp_path / "runs" / "x"
+    for v in (2, 10):
+        (runs / f"version_{v}" / "checkpoints").mkdir(parents=True)
+        (runs / f"version_{v}" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert resolve_checkpoint(runs).parent.parent.name == "version_10"  # numeric, not lexicographic
+    with pytest.raises(FileNotFoundError, match="no checkpoint in the run folder .*version_\\*"):
+        resolve_checkpoint(tok_run / "version_1")
+    with pytest.raises(FileNotFoundError, match="nowhere.ckpt.*does not exist"):
+        resolve_checkpoint(tmp_path / "nowhere.ckpt")
+
+
+def test_load_tokenizer_prefers_ema_and_freezes(tok_run):
+    tok, info = load_tokenizer(tok_run)
+    raw, raw_info = load_tokenizer(tok_run, ema=False)
+    assert info["kind"] == "tokenizer_module" and info["ema"] and not raw_info["ema"]
+    assert info["path"].endswith("version_0/checkpoints/last.ckpt") and info["fingerprint"] != raw_info["fingerprint"]
+    w, w_raw = tok.quantizer.codebook.weight, raw.quantizer.codebook.weight
+    assert torch.allclose(w, w_raw + 0.01)  # the EMA shadows were loaded
+    assert not tok.training and not any(p.requires_grad for p in tok.parameters())
+    assert (info["vocab_size"], info["latent_dim"], info["patch_nums"]) == (512, 16, [1, 2, 3, 4])
+
+
+def test_load_tokenizer_dispatches_var_vae_files(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_load_var_vae(sd, **kw):
+        calls.append((sorted(sd), kw))
+        return build_tokenizer("tiny-16")
+
+    monkeypatch.setattr("srdd_lightning.models.var_import.load_var_vae", fake_load_var_vae)
+    path = tmp_path / "vae_ch160v4096z32.pth"
+    torch.save({"quantize.embedding.weight": torch.zeros(4, 2), "decoder.conv_in.weight": torch.zeros(1)}, path)
+    tok, info = load_tokenizer(path)
+    assert info["kind"] == "var_vae" and len(calls) == 1 and calls[0][1]["option"] == "model.init_args.tokenizer_ckpt"
+    assert not tok.training
+
+
+def test_load_tokenizer_errors_name_file_and_option(tmp_path):
+    with pytest.raises(FileNotFoundError, match="weights/vae_ch160v4096z32.pth.*model.init_args.tokenizer_ckpt.*Download"):
+        load_tokenizer("weights/vae_ch160v4096z32.pth")
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"generator.x": torch.zeros(1)}, "hyper_parameters": {}}, other)
+    with pytest.raises(ValueError, match="neither a TokenizerModule checkpoint"):
+        load_tokenizer(other)
+
+
+# --------------------------------------------------------------------------------------------
+# Pairing with the tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+def test_generator_sized_by_the_tokenizer(tok_run):
+    m = module(tok_run)
+    cfg = m.generator.config
+    assert (cfg.vocab_size, cfg.latent_dim, cfg.patch_nums, cfg.num_classes) == (512, 16, (1, 2, 3, 4), 10)
+    assert m.generator.null_class == 10
+    assert m.hparams.tokenizer_ckpt.endswith("version_0/checkpoints/last.ckpt")  # pinned to the resolved file
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"generator_overrides": {**SMALL, "vocab_size": 256}}, r"vocab_size=256 .*generator_overrides.vocab_size.*vocab_size=512"),
+        ({"generator_overrides": {**SMALL, "latent_dim": 8}}, r"latent_dim=8 .*tokenizer_ckpt.*latent_dim=16"),
+        ({"schedule": [1, 2, 3]}, r"patch_nums \[1, 2, 3\] .*schedule.*\[1, 2, 3, 4\]"),
+        ({"schedule": [1, 5, 4]}, r"patch_nums"),
+        ({"generator_overrides": {**SMALL, "patch_nums": [1, 2, 6]}}, r"patch_nums \[1, 2, 6\].*\[1, 2, 3, 4\]"),
+        ({"image_size": 32}, r"image_size=32 .*16 px"),
+        ({"generator_overrides": {**SMALL, "attn": "causal"}}, r"generator_overrides.attn=causal disagrees with model.init_args.attn"),
+        ({"num_classes": None}, r"num_classes is unset"),
+    ],
+)
+def test_mismatch_errors_name_both_sides(tok_run, kw, match):
+    with pytest.raises(ValueError, match=match):
+        module(tok_run, **kw)
+
+
+def test_fewer_scale_schedule_requantizes_tokens(tok_run):
+    m = module(tok_run, schedule=[1, 2, 4])
+    assert m.generator.patch_nums == (1, 2, 4)
+    img = torch.rand(3, 3, 16, 16) * 2 - 1
+    gt_BL, x_BLC = m.tokens_and_inputs(img)
+    tokens = m.tokenizer.img_to_tokens(img, (1, 2, 4))
+    assert gt_BL.shape == (3, 21) and x_BLC.shape == (3, 20, 16)
+    assert torch.equal(gt_BL, torch.cat([t.flatten(1) for t in tokens], 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Loss, label dropout, optimiser
+# --------------------------------------------------------------------------------------------
+
+
+def test_loss_is_one_over_L_weighted_cross_entropy(tok_run):
+    m = module(tok_run).eval()
+    img, label = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([1, 7])
+    with torch.no_grad():
+        ce_BL, logits_BLV, gt_BL = m._forward_loss((img, label), train=False)
+        tokens = m.tokenizer.img_to_tokens(img)
+        gt = torch.cat([t.flatten(1) for t in tokens], 1)
+        logits = m.generator(label, m.tokenizer.teacher_forcing_inputs(tokens))
+    L = gt.shape[1]
+    by_hand = sum(sum(-torch.log_softmax(logits[b, l], -1)[gt[b, l]] / L for l in range(L)) for b in range(2)) / 2
+    assert torch.equal(gt_BL, gt)
+    assert torch.allclose(var_loss(ce_BL), by_hand, atol=1e-5)
+    # label smoothing is the cross-entropy's own
+    smooth = token_cross_entropy(logits, gt, 0.1)
+    assert torch.allclose(smooth, F.cross_entropy(logits.transpose(1, 2), gt, reduction="none", label_smoothing=0.1), atol=1e-6)
+
+
+def test_label_dropout_rate_and_target(tok_run, monkeypatch):
+    m = module(tok_run, cond_drop=0.25)
+    seen = {}
+    real_forward = m.generator.forward
+
+    def spy(label_B, x_BLC, schedule=None):
+        seen["labels"] = label_B.clone()
+        return real_forward(label_B, x_BLC, schedule)
+
+    monkeypatch.setattr(m.generator, "forward", spy)
+    label = torch.arange(2000) % 10
+    with torch.no_grad():
+        m._forward_loss((torch.zeros(2000, 3, 16, 16), label), train=True)
+    dropped = seen["labels"] != label
+    assert abs(dropped.float().mean().item() - 0.25) < 0.04
+    assert torch.all(seen["labels"][dropped] == 10)  # the null class
+    with torch.no_grad():
+        m._forward_loss((torch.zeros(50, 3, 16, 16), label[:50]), train=False)
+    assert torch.equal(seen["labels"], label[:50])  # no dropout in evaluation
+
+
+def test_optimizer_groups_and_schedule(tok_run):
+    m = module(tok_run, lr=3e-4, weight_decay=0.05, warmup_steps=10, decay_to=0.1)
+    m.trainer = pl.Trainer(max_steps=110, logger=False, enable_checkpointing=False, accelerator="cpu")
+    cfg = m.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    decay_ids = {id(p) for p in opt.param_groups[0]["params"]}
+    no_decay_ids = {id(p) for p in opt.param_groups[1]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[1]["weight_decay"] == 0.0
+    names = dict(m.generator.named_parameters())
+    for n in ("class_embed.weight", "pos_embed", "pos_start", "level_embed.weight", "blocks.0.attn.log_temp",
+              "blocks.0.attn.q_bias", "blocks.0.ada.bias", "head.out.bias"):  # fmt: skip
+        assert id(names[n]) in no_decay_ids, n
+    for n in ("blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "blocks.0.ada.weight", "head.out.weight", "word_embed.weight"):
+        assert id(names[n]) in decay_ids, n
+    assert decay_ids | no_decay_ids == {id(p) for p in m.generator.parameters()}  # nothing of the tokenizer
+    assert opt.defaults["betas"] == (0.9, 0.95) and cfg["lr_scheduler"]["interval"] == "step"
+    f = sched.lr_lambdas[0]
+    assert f(0) == pytest.approx(0.005) and f(10) == 1.0 and f(14) == 1.0  # warmup, then a 5 % hold
+    assert f(109) == pytest.approx(0.1) and 0.1 < f(60) < 1.0
+    assert WarmupLinearDecay(0, None, 0.1)(10**6) == 1.0
+
+
+def test_trainer_gradient_clip_is_rejected(tok_run):
+    m = module(tok_run)
+    m.trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, accelerator="cpu", gradient_clip_val=1.0)
+    with pytest.raises(ValueError, match="model.init_args.grad_clip"):
+        m.setup("fit")
+
+
+# --------------------------------------------------------------------------------------------
+# Fit, checkpoints, resume, sample grids
+# --------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_has_no_tokenizer_and_reloads_strictly(trained, tok_run):
+    ckpt = _ckpt(trained["ref"])
+    assert ckpt["global_step"] == 6
+    assert not [k for k in ckpt["state_dict"] if k.startswith("tokenizer.")]
+    assert any(k.startswith("generator.") for k in ckpt["state_dict"]) and any(k.startswith("ema.") for k in ckpt["state_dict"])
+    assert ckpt["srdd_tokenizer"]["path"].endswith("version_0/checkpoints/last.ckpt")
+    assert all(len(s["params"]) for s in ckpt["optimizer_states"][0]["param_groups"])
+    n_opt = sum(len(g["params"]) for g in ckpt["optimizer_states"][0]["param_groups"])
+    assert n_opt == sum(1 for k in ckpt["state_dict"] if k.startswith("generator."))
+    m = SRDDModule.load_from_checkpoint(trained["ref"] / "checkpoints" / "last.ckpt")  # strict loading
+    assert int(m.ema.num_updates) == 6
+    g = load_generator(trained["ref"])  # run folder -> last.ckpt, EMA weights
+    ema_w = ckpt["state_dict"]["ema.shadow__head__out__weight"]
+    assert torch.equal(g.generator.head.out.weight, ema_w) and not g.training
+    raw = load_generator(trained["ref"], ema=False)
+    assert torch.equal(raw.generator.head.out.weight, ckpt["state_dict"]["generator.head.out.weight"])
+
+
+def test_resume_continues_exactly(trained):
+    ref, res = _ckpt(trained["ref"]), _ckpt(trained["res"])
+    assert res["global_step"] == 6 and (trained["res"] / "config.resume-1.yaml").exists()
+    assert ref["state_dict"].keys() == res["state_dict"].keys()
+    for k, v in ref["state_dict"].items():
+        assert torch.equal(v, res["state_dict"][k]), k
+
+
+def test_logs_and_sample_grids(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(trained["ref"]))
+    ea.Reload()
+    scalars = set(ea.Tags()["scalars"])
+    for key in ("train/loss", "train/acc_s0", "train/loss_s3", "train/codebook_share", "train/lr", "train/grad_norm",
+                "val/loss", "val/acc_s3", "val/codebook_share"):  # fmt: skip
+        assert key in scalars, key
+    assert "samples/grid" in ea.Tags()["images"]
+    grid = load_png(trained["ref"] / "samples" / "step_3.png")
+    assert (trained["ref"] / "samples" / "step_6.png").exists()
+    assert grid.shape[1] == 3 * 18 + 2 and grid.shape[2] == 2 * 18 + 2  # 3 class rows x 2 seeds of 16 px
+
+
+def test_ddp_two_cpu_processes_bf16(tmp_path, digits_root, tok_run):
+    """Plain DDP (find_unused_parameters=False fails on any unused generator parameter) with bf16 autocast."""
+    cfg = write_config(tmp_path, digits_root, tok_run, max_steps=4,
+                       trainer={"devices": 2, "strategy": "ddp", "precision": "bf16-mixed", "val_check_interval": 2})
+    srdd = Path(sys.executable).with_name("srdd")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(srdd), "fit", "--config", str(cfg)], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "gen" / "srdd" / "version_0"
+    ckpt = _ckpt(run)
+    assert ckpt["global_step"] == 4 and int(ckpt["state_dict"]["ema.num_updates"]) == 4
+    assert not [k for k in ckpt["state_dict"] if k.startswith("tokenizer.")]
+    assert (run / "samples" / "step_4.png").exists()
+
+
+def test_changed_tokenizer_is_detected(trained, tmp_path):
+    ckpt_path = trained["ref"] / "checkpoints" / "last.ckpt"
+    other = tmp_path / "tok2" / "last.ckpt"
+    save_tokenizer_module_ckpt(other, seed=1)
+    with pytest.raises(ValueError, match="trained with the tokenizer .*different weights"):
+        SRDDModule.load_from_checkpoint(ckpt_path, tokenizer_ckpt=str(other))
+
+
+# --------------------------------------------------------------------------------------------
+# srdd sample
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def count_sampled(monkeypatch) -> list[int]:
+    """Batch sizes of every Sampler.sample call."""
+    calls: list[int] = []
+    real = Sampler.sample
+
+    def spy(self, labels_B, *a, **kw):
+        calls.append(len(labels_B))
+        return real(self, labels_B, *a, **kw)
+
+    monkeypatch.setattr(Sampler, "sample", spy)
+    return calls
+
+
+def test_sample_cli_writes_files_and_resumes(trained, tmp_path, count_sampled):
+    out = tmp_path / "s"
+    args = ["sample", "--ckpt", str(trained["ref"]), "--out", str(out), "--num_per_class", "2", "--classes", "0,3",
+            "--batch_size", "3", "--progress", "false", *GREEDY]  # fmt: skip
+    main(args)
+    names = sorted(p.name for p in out.glob("*.png") if p.name[0].isdigit())
+    assert names == ["000000_c0.png", "000001_c0.png", "000002_c3.png", "000003_c3.png"]
+    assert count_sampled == [3, 1]
+    npz = np.load(out / "samples.npz")
+    assert npz["arr_0"].shape == (4, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+    assert npz["labels"].tolist() == [0, 0, 3, 3]
+    assert np.array_equal(npz["arr_0"][2], load_png(out / "000002_c3.png").permute(1, 2, 0).numpy())
+    rec = json.loads((out / "sampling.json").read_text())
+    assert rec["num_samples"] == 4 and rec["seed"] == 0 and rec["sampling"]["cfg"] == 1.0 and rec["ema"] is True
+    assert rec["cost_per_image"]["forward_passes"] == 4 and rec["seconds_per_image"] > 0
+    assert rec["checkpoint"].endswith("last.ckpt") and (out / "grid.png").exists()
+
+    # resume: only the missing sample is drawn, the others are left alone
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("0*.png")}
+    (out / "000001_c0.png").unlink()
+    count_sampled.clear()
+    main(args)
+    assert count_sampled == [1]
+    assert (out / "000001_c0.png").exists()
+    assert all(mtimes[n] == (out / n).stat().st_mtime_ns for n in mtimes if n != "000001_c0.png")
+    assert np.array_equal(np.load(out / "samples.npz")["arr_0"], npz["arr_0"])  # same seed -> same sample
+
+
+def test_sample_seeds_do_not_depend_on_batch_size_or_ranks(trained, tmp_path, monkeypatch):
+    common = ["--ckpt", str(trained["ref"]), "--num_samples", "5", "--seed", "11", "--progress", "false", "--cfg", "2.0",
+              "--top_k", "50", "--top_p", "0.9"]  # fmt: skip
+    main(["sample", "--out", str(tmp_path / "b5"), "--batch_size", "5", *common])
+    # two ranks with batch 2: rank 1 first (takes the odd indices, leaves grid/npz to rank 0), then rank 0
+    for rank in (1, 0):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        main(["sample", "--out", str(tmp_path / "r2"), "--batch_size", "2", *common])
+        if rank == 1:
+            assert sorted(p.name[:6] for p in (tmp_path / "r2").glob("0*.png")) == ["000001", "000003"]
+            assert not (tmp_path / "r2" / "samples.npz").exists()
+    a, b = np.load(tmp_path / "b5" / "samples.npz"), np.load(tmp_path / "r2" / "samples.npz")
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+    assert a["labels"].tolist() == [0, 2, 4, 6, 8]  # 5 samples spread over 10 classes in blocks
+    assert len({a["arr_0"][i].tobytes() for i in range(5)}) > 1
+
+
+def test_sample_edit_modes(trained, tmp_path, digits_root):
+    img = torch.rand(1, 3, 16, 16) * 2 - 1
+    save_png(to_uint8(img)[0], tmp_path / "ref.png")
+    mask = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    mask[:, 4:12, 4:12] = 255
+    save_png(mask, tmp_path / "hole.png")
+    save_png(to_uint8(img[:, :, ::2, ::2])[0], tmp_path / "small.png")
+    base = ["sample", "--ckpt", str(trained["ref"]), "--classes", "3", "--num_samples", "2", "--progress", "false", *GREEDY]
+    for mode, extra in {
+        "inpaint": ["--image", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "hole.png")],
+        "outpaint": ["--image", str(tmp_path / "ref.png"), "--keep_box", "4,4,12,12"],
+        "superres": ["--image", str(tmp_path / "small.png")],
+        "reconstruct": ["--image", str(tmp_path / "ref.png"), "--keep_scales", "2"],
+    }.items():
+        out = tmp_path / mode
+        main([*base, "--out", str(out), "--edit", mode, *extra])
+        assert len(list(out.glob("0000*_c3.png"))) == 2 and (out / "reference.png").exists(), mode
+        assert json.loads((out / "sampling.json").read_text())["edit"]["mode"] == mode
+    # reconstructing from every scale gives back the reference's tokens: all samples equal
+    main([*base, "--out", str(tmp_path / "all"), "--edit", "reconstruct", "--image", str(tmp_path / "ref.png"), "--keep_scales", "4"])
+    arr = np.load(tmp_path / "all" / "samples.npz")["arr_0"]
+    assert np.array_equal(arr[0], arr[1])
+
+
+def test_sample_errors(trained, tmp_path):
+    base = ["sample", "--ckpt", str(trained["ref"]), "--out", str(tmp_path / "e"), "--progress", "false"]
+    with pytest.raises(ValueError, match="class 12 is out of range: the model has 10 classes"):
+        main([*base, "--classes", "1,12", "--num_per_class", "1"])
+    with pytest.raises(ValueError, match="exactly one of --num_per_class"):
+        main([*base, "--num_per_class", "1", "--num_samples", "3"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["sample", "--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "e"), "--num_samples", "1"])
+    save_png(torch.zeros(3, 16, 16, dtype=torch.uint8), tmp_path / "ref.png")
+    save_png(torch.zeros(3, 8, 8, dtype=torch.uint8), tmp_path / "small_mask.png")
+    with pytest.raises(ValueError, match="--mask .* is 8x8 px but --image .* is 16x16"):
+        main([*base, "--num_samples", "1", "--edit", "inpaint", "--image", str(tmp_path / "ref.png"),
+              "--mask", str(tmp_path / "small_mask.png")])  # fmt: skip
+    save_png(torch.zeros(3, 20, 20, dtype=torch.uint8), tmp_path / "big.png")
+    with pytest.raises(ValueError, match="is 20x20 px, but the tokenizer .* needs 16x16"):
+        main([*base, "--num_samples", "1", "--edit", "reconstruct", "--image", str(tmp_path / "big.png"), "--keep_scales", "1"])
+
+
+def test_sample_help_documents_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    out = capsys.readouterr().out
+    for text in ("--num_per_class", "seed + i", "--top_k", "Keep the k most likely tokens", "--edit", "--keep_scales"):
+        assert text in out, text
+
+
+# --------------------------------------------------------------------------------------------
+# Experiment configs
+# --------------------------------------------------------------------------------------------
+
+PAPER_CONFIGS = ["ffhq.yaml", "miniimagenet.yaml", "sun397.yaml"]
+
+
+def test_digits_configs_differ_only_in_the_mask():
+    srdd = yaml.safe_load((REPO / "experiments" / "digits" / "srdd.yaml").read_text())
+    var = yaml.safe_load((REPO / "experiments" / "digits" / "var.yaml").read_text())
+    assert srdd["model"]["init_args"].pop("attn", "markov") == "markov"
+    assert var["model"]["init_args"].pop("attn") == "causal"
+    assert srdd == var
+
+
+@pytest.mark.parametrize("name", ["digits/srdd.yaml", "digits/var.yaml", *PAPER_CONFIGS])
+def test_configs_print(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(REPO / "experiments" / name), "--print_config"])
+    assert e.value.code == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["model"]["class_path"] == SRDD
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_fail_clearly_without_data_or_weights(name, tmp_path, monkeypatch, digits_root):
+    monkeypatch.chdir(tmp_path)  # no data/ and no weights/ here
+    cfg = str(REPO / "experiments" / name)
+    with pytest.raises(FileNotFoundError, match=r"dataset folder data/\w+ does not exist; pack one first"):
+        main(["fit", "--config", cfg])
+    # LightningCLI reports a failed model construction as a ValueError that quotes the original message
+    with pytest.raises((FileNotFoundError, ValueError), match=r"weights/vae_ch160v4096z32.pth.*model.init_args.tokenizer_ckpt.*Download"):
+        main(["fit", "--config", cfg, "--data.root", str(digits_root)])
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP (needs CUDA)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_fsdp_fit_checkpoint_and_reload(tmp_path, digits_root, tok_run):
+    """FSDP with one unit per AdaLNBlock; fp32 master weights (the embeddings and the EMA stay fp32), bf16 compute."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import MixedPrecision
+
+    from srdd_lightning.data.datamodule import ShardDataModule
+    from srdd_lightning.models.transformer import AdaLNBlock
+
+    m = module(tok_run, warmup_steps=1, ema_decay=0.9)
+    fp32 = MixedPrecision(param_dtype=torch.float32, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
+    trainer = pl.Trainer(
+        accelerator="cuda", devices=1, strategy=FSDPStrategy(auto_wrap_policy={AdaLNBlock}, mixed_precision=fp32),
+        precision="bf16-mixed", max_steps=4, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=2,
+        logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+        callbacks=[__import__("srdd_lightning.callbacks", fromlist=["SampleGrid"]).SampleGrid(every_n_steps=2, max_classes=2)],
+    )  # fmt: skip
+    trainer.fit(m, datamodule=ShardDataModule(str(digits_root), batch_size=16))
+    path = tmp_path / "fsdp.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    assert not [k for k in ckpt["state_dict"] if "tokenizer." in k]
+    assert ckpt["state_dict"]["ema.shadow__head__out__weight"].dtype == torch.float32
+    assert int(ckpt["state_dict"]["ema.num_updates"]) == 4
+    reloaded = SRDDModule.load_from_checkpoint(path).cuda()
+    assert all(torch.isfinite(p).all() for p in reloaded.generator.parameters())
+    with reloaded.ema_weights():
+        out = reloaded.sampler().sample([1, 2], seeds=0)
+    assert out.images.shape == (2, 3, 16, 16)
