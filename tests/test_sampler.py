@@ -469,8 +469,17 @@ def test_rejects_a_mismatched_tokenizer(tok):
         Sampler(_generator(vocab_size=256), tok)
     with pytest.raises(ValueError, match=r"latent_dim=8 vs tokenizer latent_dim=16"):
         Sampler(_generator(latent_dim=8), tok)
-    with pytest.raises(ValueError, match=r"generator patch_nums=\(1, 2, 3, 4, 6, 8\) vs tokenizer patch_nums=\(1, 2, 3, 4\)"):
+    with pytest.raises(ValueError, match=r"generator patch_nums=\[1, 2, 3, 4, 6, 8\] is not a subset of tokenizer"):
         Sampler(_generator(patch_nums=(1, 2, 3, 4, 6, 8)), tok)
+    with pytest.raises(ValueError, match=r"generator patch_nums=\[1, 2, 3\] is not a subset"):
+        Sampler(_generator(patch_nums=(1, 2, 3)), tok)  # does not end at the tokenizer's last scale
+
+
+def test_fewer_scale_generator_samples_on_a_subset_of_the_tokenizer(tok):
+    student = _generator(patch_nums=(1, 2, 4))  # trained on 3 of the tokenizer's 4 scales
+    out = Sampler(student, tok).sample(LABELS, SamplingConfig(cfg=1.5, top_k=50), seeds=0)
+    assert [tuple(t.shape[1:]) for t in out.tokens] == [(1, 1), (2, 2), (4, 4)]
+    assert out.images.shape[-1] == tok.image_size and out.cost.forward_passes == 3
 
 
 # ---- 9. the policy hook ------------------------------------------------------------------------------------

@@ -245,14 +245,18 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
 
 
 def check_compatible(generator: VARTransformer, tokenizer: MultiScaleTokenizer) -> None:
-    """Raise if the generator was not built for this tokenizer's codes (V, latent dim, trained scales)."""
+    """Raise if the generator was not built for this tokenizer's codes (V, latent dim, a subset of its scales)."""
     g = generator.config
     pairs = [
         ("vocab_size", int(g.vocab_size), int(tokenizer.vocab_size)),
         ("latent_dim", int(g.latent_dim), int(tokenizer.latent_dim)),
-        ("patch_nums", tuple(g.patch_nums), tuple(tokenizer.patch_nums)),
     ]
     bad = [f"generator {name}={a} vs tokenizer {name}={b}" for name, a, b in pairs if a != b]
+    try:  # a fewer-scale generator runs on a subset of the tokenizer's scales ending at the last one
+        subset_indices(g.patch_nums, tokenizer.patch_nums)
+    except ValueError:
+        bad.append(f"generator patch_nums={list(g.patch_nums)} is not a subset of tokenizer patch_nums="
+                   f"{list(tokenizer.patch_nums)} ending at its last scale")
     if bad:
         raise ValueError(
             "the generator does not match the tokenizer (" + "; ".join(bad) + "): load the generator trained on "
