@@ -449,3 +449,12 @@ def test_every_parameter_gets_a_gradient():
     model(model.drop_labels(label_B), x_BLC).logsumexp(-1).mean().backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad == []
+
+
+def test_runs_with_low_precision_parameters_as_fsdp_mixed_precision_casts_them():
+    gen = build_generator("tiny", patch_nums=(1, 2, 3), vocab_size=64, latent_dim=8).to(torch.bfloat16)
+    x_BLC = torch.randn(2, 4 + 9, 8)  # float32 inputs, as the tokenizer produces them
+    logits = gen(torch.tensor([0, 1]), x_BLC)
+    assert logits.dtype == torch.float32 and logits.shape == (2, 14, 64) and torch.isfinite(logits).all()
+    step = gen.forward_scale(1, torch.tensor([0, 1]), x_BLC[:, :4], cache=gen.new_cache())  # markov: no cache needed
+    assert step.shape == (2, 4, 64)

@@ -456,10 +456,12 @@ class VARTransformer(nn.Module):
                 f"x_BLC must have shape (B, L - first_l, latent_dim) = {expected} for schedule {list(sched)}, "
                 f"got {tuple(x_BLC.shape)}"
             )
-        # embeddings in float32, as VAR: the level/position embeddings are small next to the tokens
+        # Embeddings outside autocast, in the parameters' dtype (float32 as VAR, unless FSDP casts the
+        # parameters): the level/position embeddings are small next to the tokens.
+        dtype = self.word_embed.weight.dtype
         with torch.autocast(device_type=x_BLC.device.type, enabled=False):
-            cond_BD = self.embed_condition(label_B).float()
-            h_BLC = torch.cat((self._start_tokens(cond_BD, sched[0]), self.word_embed(x_BLC.float())), dim=1)
+            cond_BD = self.embed_condition(label_B).to(dtype)
+            h_BLC = torch.cat((self._start_tokens(cond_BD, sched[0]), self.word_embed(x_BLC.to(dtype))), dim=1)
             h_BLC = h_BLC + torch.cat([self._level_pos(t) for t in trained_idx], dim=1)
         attend = self._sequence_attention(sched, x_BLC.device)
         for blk in self.blocks:
@@ -501,8 +503,9 @@ class VARTransformer(nn.Module):
             raise IndexError(f"scale index {si} out of range for schedule {list(sched)}")
         cond_BD = self._as_cond(cond)
         pn = sched[si]
+        dtype = self.word_embed.weight.dtype
         with torch.autocast(device_type=cond_BD.device.type, enabled=False):
-            cond_BD = cond_BD.float()
+            cond_BD = cond_BD.to(dtype)
             if si == 0:
                 if x_BlC is not None:
                     raise ValueError("the first scale's input is the start token: pass x_BlC=None at si=0")
@@ -512,7 +515,7 @@ class VARTransformer(nn.Module):
                 if x_BlC is None or tuple(x_BlC.shape) != expected:
                     got = None if x_BlC is None else tuple(x_BlC.shape)
                     raise ValueError(f"x_BlC of scale {si} (pn={pn}) must have shape {expected} (cond rows), got {got}")
-                h_BlC = self.word_embed(x_BlC.float())
+                h_BlC = self.word_embed(x_BlC.to(dtype))
             h_BlC = h_BlC + self._level_pos(trained_idx[si])
 
         if cache is not None:
