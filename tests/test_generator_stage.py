@@ -540,3 +540,11 @@ def test_fsdp_fit_checkpoint_and_reload(tmp_path, digits_root, tok_run):
     with reloaded.ema_weights():
         out = reloaded.sampler().sample([1, 2], seeds=0)
     assert out.images.shape == (2, 3, 16, 16)
+
+
+def test_cli_reports_a_missing_tokenizer_plainly(digits_root, tmp_path):
+    from srdd_lightning.cli import main
+
+    with pytest.raises(FileNotFoundError, match=r"weights/nowhere.pth.*model.init_args.tokenizer_ckpt"):
+        main(["fit", "--config", "experiments/digits/srdd.yaml", "--data.root", str(digits_root),
+              "--model.init_args.tokenizer_ckpt", "weights/nowhere.pth", "--run.root", str(tmp_path)])

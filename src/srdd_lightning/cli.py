@@ -149,6 +149,11 @@ class SRDDCLI(LightningCLI):
                     f"leave model.init_args.{key} unset to take it from the data"
                 )
         cfg.model.init_args = init_args
+        # A stage may check its paths here, so a missing file is reported plainly rather than
+        # wrapped in jsonargparse's "does not validate against any of the Union subtypes".
+        check = getattr(model_cls, "check_init_args", None)
+        if check is not None:
+            check(init_args.as_dict())
 
     def after_instantiate_classes(self) -> None:
         strategy = self.trainer.strategy

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srdd_lightning.loading import load_tokenizer
+from srdd_lightning.loading import load_tokenizer, resolve_checkpoint
 from srdd_lightning.models.ema import EMA
 from srdd_lightning.models.scales import flatten_tokens, scale_slices, subset_indices
 from srdd_lightning.models.transformer import VARTransformer, generator_config
@@ -152,6 +152,11 @@ class SRDDModule(pl.LightningModule):
             grids use the EMA weights.
         tokenizer_ema: Load the tokenizer's EMA weights when its checkpoint has them.
     """
+
+    @staticmethod
+    def check_init_args(init_args: dict) -> None:
+        """Called by ``srdd`` before building the module: the tokenizer checkpoint must exist."""
+        resolve_checkpoint(init_args["tokenizer_ckpt"], option="model.init_args.tokenizer_ckpt")
 
     def __init__(
         self,
