@@ -189,20 +189,23 @@ class MultiScaleResidualQuantizer(nn.Module):
                 fhats.append(f_hat)
         return (tokens, fhats) if return_fhats else tokens
 
-    def forward(self, f_BChw: torch.Tensor) -> QuantizerOutput:
+    def forward(self, f_BChw: torch.Tensor, keep_BK: torch.Tensor | None = None) -> QuantizerOutput:
         """Training forward over the trained schedule: straight-through f_hat, VQ loss, tokens.
 
         With ``scale_dropout`` p > 0 (training mode only), each sample with probability p keeps only its
         first K_b scales, K_b uniform in {1, …, K−1}: later scales add nothing to its f_hat, its tokens
-        there are -1, and its VQ loss is averaged over the scales it kept.
+        there are -1, and its VQ loss is averaged over the scales it kept. ``keep_BK`` ((B, K) bool, e.g.
+        from ``draw_scale_keep`` with a seeded generator) replaces that draw.
         """
         pns, K = self.patch_nums, len(self.patch_nums)
         self._check_latent(f_BChw, pns)
         B, size = f_BChw.shape[0], f_BChw.shape[-1]
+        if keep_BK is not None and (tuple(keep_BK.shape) != (B, K) or keep_BK.dtype != torch.bool):
+            raise ValueError(f"keep_BK must be a ({B}, {K}) bool mask, got {tuple(keep_BK.shape)} {keep_BK.dtype}")
         with _no_autocast(f_BChw.device):
             f = f_BChw.float()
             f_ng = f.detach()
-            keep_BK = self.draw_scale_keep(B, f.device)
+            keep_BK = self.draw_scale_keep(B, f.device) if keep_BK is None else keep_BK.to(f.device)
             keep_BK_f = keep_BK.float()
             rest = f_ng.clone()
             f_hat = torch.zeros_like(f_ng)
@@ -221,15 +224,20 @@ class MultiScaleResidualQuantizer(nn.Module):
             f_st = f_hat.detach() - f_ng + f  # straight-through: forward value f_hat, gradient to f
         return QuantizerOutput(f_st.to(f_BChw.dtype), vq_loss, tokens, keep_BK)
 
-    def draw_scale_keep(self, batch: int, device: torch.device) -> torch.Tensor:
-        """(B, K) bool mask of the scales each sample keeps; all True unless training with scale_dropout > 0."""
+    def draw_scale_keep(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, K) bool mask of the scales each sample keeps; all True unless training with scale_dropout > 0.
+
+        Draws from ``generator`` (on its own device, then moved to ``device``) when given, else from the global RNG.
+        """
         K = len(self.patch_nums)
         keep_BK = torch.ones(batch, K, dtype=torch.bool, device=device)
         if not self.training or self.scale_dropout <= 0 or K < 2:
             return keep_BK
-        drop_B = torch.rand(batch, device=device) < self.scale_dropout
-        n_keep_B = torch.where(drop_B, torch.randint(1, K, (batch,), device=device), torch.full((batch,), K, device=device))
-        return torch.arange(K, device=device)[None, :] < n_keep_B[:, None]
+        dev = generator.device if generator is not None else device
+        drop_B = torch.rand(batch, device=dev, generator=generator) < self.scale_dropout
+        cut_B = torch.randint(1, K, (batch,), device=dev, generator=generator)
+        n_keep_B = torch.where(drop_B, cut_B, torch.full((batch,), K, device=dev))
+        return (torch.arange(K, device=dev)[None, :] < n_keep_B[:, None]).to(device)
 
     # ----- decoding / teacher forcing / sampler step ----------------------------------------------
 
@@ -341,8 +349,14 @@ def codebook_usage(tokens: Sequence[torch.Tensor], vocab_size: int) -> list[dict
     (pn_k²·B without dropout), so ``usage_of_possible = used / min(V, n_k)`` is the fair number for the
     coarse scales. Perplexity = exp(entropy of the hit distribution), in [1, used].
     """
+    return usage_from_hits(code_hits(tokens, vocab_size))
+
+
+def usage_from_hits(hits_KV: torch.Tensor) -> list[dict[str, float]]:
+    """``codebook_usage`` from (K, V) hit counts, e.g. summed over a validation pass and over ranks."""
+    vocab_size = hits_KV.shape[-1]
     out = []
-    for hits_V in code_hits(tokens, vocab_size):
+    for hits_V in hits_KV.detach().float().cpu():
         n = float(hits_V.sum())
         used = int((hits_V > 0).sum())
         p_V = hits_V[hits_V > 0] / max(n, 1.0)

@@ -2,8 +2,8 @@
 
 ``MultiScaleTokenizer`` is a plain ``nn.Module`` with the operations the generator and the sampler need
 (tokens <-> images, teacher-forcing inputs, the single sampler step). Presets by name at the bottom:
-``var-vae-f16`` is VAR's released VQVAE (loadable with ``models.var_import.load_var_vae``); ``tiny`` and
-``tiny-16`` are CPU-sized for the built-in digits.
+``var-vae-f16`` is VAR's released VQVAE (loadable with ``models.var_import.load_var_vae``); ``digits``,
+``tiny`` and ``tiny-16`` are CPU-sized for the built-in digits.
 """
 
 from __future__ import annotations
@@ -243,6 +243,12 @@ _PRESET_CONFIGS: dict[str, dict] = {
         image_size=32, vocab_size=512, latent_dim=16, channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
         norm_groups=8, patch_nums=(1, 2, 3, 4, 6, 8),
     ),
+    # The built-in digits at 16 px (the CPU demo and table): f2 -> 8×8 latent, 130 tokens, as the generator
+    # stage and the sampler assume. One down-sampling level keeps an 8×8 latent at 16 px; 0.74 M parameters.
+    "digits": dict(
+        image_size=16, vocab_size=512, latent_dim=16, channels=32, channel_mults=(1, 2), num_res_blocks=1,
+        norm_groups=8, patch_nums=(1, 2, 3, 4, 6, 8),
+    ),
     # The same network for 16 px digits: 4×4 latent, 30 tokens.
     "tiny-16": dict(
         image_size=16, vocab_size=512, latent_dim=16, channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
@@ -275,7 +281,7 @@ TOKENIZER_PRESETS: dict[str, Callable[..., MultiScaleTokenizer]] = {name: _const
 
 
 def build_tokenizer(preset: str, **overrides) -> MultiScaleTokenizer:
-    """Build a tokenizer by preset name (``var-vae-f16``, ``tiny``, ``tiny-16``) with field overrides."""
+    """Build a tokenizer by preset name (``var-vae-f16``, ``digits``, ``tiny``, ``tiny-16``) with field overrides."""
     if preset not in TOKENIZER_PRESETS:
         raise KeyError(f"unknown tokenizer preset {preset!r}; available: {sorted(TOKENIZER_PRESETS)}")
     return TOKENIZER_PRESETS[preset](**overrides)
