@@ -1,5 +1,6 @@
-"""Training callbacks: sample grids (more to come: reconstruction grids, codebook usage, FID)."""
+"""Training callbacks: sample grids and FID / rFID monitors."""
 
+from srdd_lightning.callbacks.fid import FIDCallback
 from srdd_lightning.callbacks.samples import SampleGrid
 
-__all__ = ["SampleGrid"]
+__all__ = ["FIDCallback", "SampleGrid"]

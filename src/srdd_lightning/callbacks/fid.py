@@ -1,0 +1,299 @@
+"""``FIDCallback``: an FID monitor every N training steps, computed on all ranks from reduced statistics.
+
+Each rank generates its share of ``num_samples`` with the EMA weights — sample i has seed ``seed + i``
+and class ``i mod num_classes``, rank r takes the i ≡ r (mod world size) — extracts features, and the
+ranks sum their float64 feature statistics (n, Σx, Σxxᵀ; never images). Every rank then computes the
+same FID against the cached reference statistics of the train split, so the value is logged with
+``sync_dist=False`` under an honest key, e.g. ``val/fid_digits-classifier_1000``, that
+``ModelCheckpoint(monitor=...)`` can use. IS and class-consistency accuracy come from the gathered
+logits (small) when the extractor has a classifier head. ``mode="reconstruct"`` scores the tokenizer:
+reconstructions of validation images (rFID, key ``val/rfid_<extractor>_<n>``).
+
+This is an in-training monitor; table numbers come from ``srdd sample`` → ``srdd evaluate``.
+
+What a stage provides (``SRDDModule`` and ``TokenizerModule`` do):
+
+    generate:     pl_module.sampler() -> object with .sample(labels_B, SamplingConfig, seeds=[...]).images in [-1, 1]
+                  pl_module.generator.num_classes (real classes; 1 = unconditional)
+    reconstruct:  pl_module.reconstruct(img_B3HW) -> img_B3HW in [-1, 1]   (or pl_module.tokenizer.reconstruct)
+    both:         pl_module.ema_weights() -> context manager with the EMA weights loaded, or else
+                  pl_module.ema.swapped(pl_module.generator | pl_module.tokenizer) (models/ema.py);
+                  with neither, the current weights are used (with a warning)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+
+from srdd_lightning.data.index import ShardIndex
+from srdd_lightning.data.stream import ValShards
+from srdd_lightning.evaluation import (
+    DEFAULT_CACHE_DIR,
+    compute_metrics,
+    dataset_reference,
+    extractor_from_options,
+    has_class_logits,
+)
+from srdd_lightning.metrics import FeatureExtractor, FeatureStats, ReferenceStats
+from srdd_lightning.sampling.config import SamplingConfig
+from srdd_lightning.utils.images import to_uint8
+
+
+class FIDCallback(pl.Callback):
+    """FID (and IS / class accuracy when the extractor has logits) every ``every_n_steps`` training steps.
+
+    Args:
+        every_n_steps: Evaluate after every this many optimizer steps, independent of validation; never in the
+            sanity check or under ``fast_dev_run``.
+        num_samples: Samples in total over all ranks (generate), or the first validation images (reconstruct).
+            A few thousand is a monitor; table numbers come from ``srdd evaluate``.
+        extractor: ``digits-classifier`` (needs ``classifier``) or ``inception-v3-compat`` (needs
+            ``inception_weights`` or the env var SRDD_INCEPTION_WEIGHTS).
+        classifier: Digits classifier checkpoint (``srdd classifier``).
+        inception_weights: torch-fidelity's Inception weights file.
+        data_root: Packed dataset whose train split is the reference (default: the datamodule's ``root``).
+        cache_dir: Folder of cached reference statistics (shared with ``srdd evaluate``).
+        num_reference: Reference images (default: the whole train split).
+        batch_size: Samples per sampler / extractor call on each rank.
+        seed: Sample i uses seed ``seed + i`` (the same samples at every evaluation, on any number of ranks).
+        mode: ``generate`` (the generator's samples) or ``reconstruct`` (the tokenizer's reconstructions).
+        sampling: Sampling settings for ``generate`` (default: VAR's protocol, cfg 1.5, top-k 900, top-p 0.96).
+        use_ema: Evaluate with the EMA weights (``pl_module.ema_weights()``).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        num_samples: int = 1000,
+        extractor: str = "digits-classifier",
+        classifier: str | None = None,
+        inception_weights: str | None = None,
+        data_root: str | None = None,
+        cache_dir: str = DEFAULT_CACHE_DIR,
+        num_reference: int | None = None,
+        batch_size: int = 100,
+        seed: int = 0,
+        mode: Literal["generate", "reconstruct"] = "generate",
+        sampling: SamplingConfig | None = None,
+        use_ema: bool = True,
+    ):
+        super().__init__()
+        if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
+            raise ValueError(f"FIDCallback: every_n_steps ({every_n_steps}) and batch_size ({batch_size}) must be >= 1, "
+                             f"num_samples ({num_samples}) >= 2")  # fmt: skip
+        if mode not in ("generate", "reconstruct"):
+            raise ValueError(f"FIDCallback mode must be 'generate' or 'reconstruct', got {mode!r}")
+        self.every_n_steps, self.num_samples, self.batch_size, self.seed = every_n_steps, num_samples, batch_size, seed
+        self.extractor_name, self.classifier, self.inception_weights = extractor, classifier, inception_weights
+        self.data_root, self.cache_dir, self.num_reference = data_root, cache_dir, num_reference
+        self.mode, self.sampling, self.use_ema = mode, sampling or SamplingConfig(), use_ema
+        self._extractor: FeatureExtractor | None = None
+        self._reference: ReferenceStats | None = None
+        self._index: ShardIndex | None = None
+        self._last_step = -1
+        self._warned_no_ema = False
+        self.last_metrics: dict[str, Any] = {}
+        self.calls = 0  # evaluations run (tests count them)
+
+    # ---- keys ---------------------------------------------------------------------------------
+
+    def metric_key(self, n: int | None = None, metric: str = "fid") -> str:
+        """``val/fid_<extractor>_<n>`` (``val/rfid_...`` for reconstructions); the key to monitor."""
+        name = ("r" + metric) if self.mode == "reconstruct" and metric == "fid" else metric
+        return f"val/{name}_{self.extractor_name}_{self.num_samples if n is None else n}"
+
+    # ---- lazy setup (on the module's device; the reference is computed by rank 0, then read by all) --------
+
+    def _root(self, trainer: pl.Trainer) -> str:
+        if self.data_root is not None:
+            return self.data_root
+        dm = getattr(trainer, "datamodule", None)
+        root = getattr(dm, "root", None)
+        if root is None:
+            raise ValueError("FIDCallback needs data_root (the packed dataset of the reference), or a datamodule with .root")
+        return os.fspath(root)
+
+    def _resolution(self, trainer: pl.Trainer) -> int:
+        dm = getattr(trainer, "datamodule", None)
+        res = getattr(dm, "resolution", None) if self.data_root is None else None
+        return int(res or self._index.resolution)
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._extractor is None:
+            self._extractor = extractor_from_options(self.extractor_name, self.classifier, self.inception_weights,
+                                                     pl_module.device)  # fmt: skip
+            self._index = ShardIndex.load(self._root(trainer))
+        if self._reference is None:
+            res = self._resolution(trainer)
+            build = lambda: dataset_reference(self._index, self._extractor, self.cache_dir, self.num_reference, res,  # noqa: E731
+                                              self.batch_size)  # fmt: skip
+            if trainer.world_size > 1:
+                if trainer.is_global_zero:
+                    self._reference = build()  # computes and caches (atomically) on a miss
+                trainer.strategy.barrier("fid_reference")
+                if not trainer.is_global_zero:
+                    self._reference = build()  # now a cache hit
+            else:
+                self._reference = build()
+
+    # ---- triggers -----------------------------------------------------------------------------
+
+    def _disabled(self, trainer: pl.Trainer) -> bool:
+        return bool(trainer.sanity_checking or trainer.fast_dev_run)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self._disabled(trainer) or step == 0 or step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step  # several batch ends share one optimizer step under gradient accumulation
+        metrics = self.evaluate(trainer, pl_module)
+        for key, value in metrics.items():
+            # Identical on every rank: no sync. logger=False: the loggers get it below at this very step, whatever
+            # log_every_n_steps is; callback_metrics (ModelCheckpoint's monitor) get it from self.log.
+            pl_module.log(key, value, on_step=True, on_epoch=False, sync_dist=False, logger=False)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    # ---- the evaluation -----------------------------------------------------------------------
+
+    def _ema(self, pl_module: pl.LightningModule):
+        """The stage's EMA weights: ``ema_weights()``, else ``ema.swapped(generator | tokenizer)``."""
+        if not self.use_ema:
+            return contextlib.nullcontext()
+        if hasattr(pl_module, "ema_weights"):
+            return pl_module.ema_weights()
+        target = getattr(pl_module, "generator" if self.mode == "generate" else "tokenizer", None)
+        ema = getattr(pl_module, "ema", None)
+        if ema is not None and hasattr(ema, "swapped") and isinstance(target, torch.nn.Module):
+            return ema.swapped(target)
+        if not self._warned_no_ema:
+            warnings.warn(f"FIDCallback: {type(pl_module).__name__} has neither ema_weights() nor ema.swapped(); "
+                          "evaluating the current weights", stacklevel=2)  # fmt: skip
+            self._warned_no_ema = True
+        return contextlib.nullcontext()
+
+    def my_indices(self, rank: int, world_size: int, total: int) -> list[int]:
+        """Sample indices of this rank: i ≡ rank (mod world_size)."""
+        return list(range(rank, total, world_size))
+
+    def _batches(self, indices: list[int], total: int, world_size: int) -> list[tuple[list[int], bool]]:
+        """This rank's batches, padded so that every rank runs the same number of forward passes (FSDP)."""
+        per_rank = math.ceil(total / world_size)
+        n_batches = math.ceil(per_rank / self.batch_size)
+        out = []
+        for b in range(n_batches):
+            idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
+            out.append((idx, True) if idx else ([indices[-1] if indices else 0], False))
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Run the evaluation on every rank; returns the identical metrics on all of them."""
+        self._prepare(trainer, pl_module)
+        ext, ref = self._extractor, self._reference
+        rank, world = trainer.global_rank, trainer.world_size
+        stats = FeatureStats(ext.feature_dim, device=pl_module.device)
+        idx_all, logits, labels = [], [], []
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with self._ema(pl_module):
+                for idx_B, labels_B, img_B3HW in self._images(trainer, pl_module, rank, world):
+                    if img_B3HW.shape[-1] != ref.resolution or img_B3HW.shape[-2] != ref.resolution:
+                        raise ValueError(
+                            f"FIDCallback: images are {tuple(img_B3HW.shape[-2:])} px but the reference statistics "
+                            f"({ref.path}) are for {ref.resolution} px; the data and the model disagree"
+                        )
+                    u8 = to_uint8(img_B3HW)
+                    if ext.has_logits:
+                        f_BD, l_BK = ext.features_and_logits(u8.to(ext.device))
+                        logits.append(l_BK.float())
+                    else:
+                        f_BD = ext(u8.to(ext.device))
+                    stats.update(f_BD)
+                    idx_all.append(torch.as_tensor(idx_B, device=pl_module.device))
+                    labels.append(torch.as_tensor(labels_B, device=pl_module.device))
+        finally:
+            pl_module.train(was_training)
+        stats.all_reduce()
+        n = stats.n
+        # IS splits and class accuracy need per-sample logits: gather them (N x K, small) and order by index,
+        # so that every rank — and an offline run on the same samples — sees the same sequence.
+        logits_NK = labels_N = None
+        if ext.has_logits:
+            def rows(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+                local = torch.cat(parts).double() if parts else torch.zeros(0, device=pl_module.device, dtype=torch.float64)
+                return _gather_rows(local.reshape(-1, width))
+
+            order_N = rows(idx_all, 1)[:, 0].argsort()
+            logits_NK = rows(logits, ext.num_classes)[order_N].cpu()
+            labels_N = rows(labels, 1)[order_N, 0].long().cpu()
+        class_logits = has_class_logits(ext, self._index.num_classes)
+        metrics = compute_metrics(stats, None, logits_NK, labels_N, ref, class_logits)
+        self.last_metrics = metrics
+        self.calls += 1
+        out = {self.metric_key(n): metrics["fid"]}
+        if "inception_score" in metrics:
+            out[self.metric_key(n, "is")] = metrics["inception_score"]
+        if "class_accuracy" in metrics:
+            out[self.metric_key(n, "class_acc")] = metrics["class_accuracy"]
+        return out
+
+    def _images(self, trainer, pl_module, rank: int, world: int):
+        """(indices, labels, images in [-1, 1]) batches of this rank; padding batches are generated and dropped."""
+        if self.mode == "generate":
+            num_classes = int(pl_module.generator.num_classes)
+            sampler = pl_module.sampler()
+            indices = self.my_indices(rank, world, self.num_samples)
+            for idx, real in self._batches(indices, self.num_samples, world):
+                labels = [i % num_classes for i in idx]
+                out = sampler.sample(torch.tensor(labels), self.sampling, seeds=[self.seed + i for i in idx])
+                if real:
+                    yield idx, labels, out.images.float()
+            return
+        # reconstruct: the first num_samples validation images in shard order (independent of the world size)
+        recon = getattr(pl_module, "reconstruct", None) or pl_module.tokenizer.reconstruct
+        total = min(self.num_samples, self._index.split("val").total)
+        val = enumerate(ValShards(self._index.shard_paths("val"), self._resolution(trainer)))
+        pad = None
+        for idx, real in self._batches(self.my_indices(rank, world, total), total, world):
+            if not real:  # equal forward passes on every rank: reconstruct a repeated image, drop the result
+                if pad is None:  # this rank has no image at all (fewer images than ranks)
+                    pad = next(iter(ValShards(self._index.shard_paths("val"), self._resolution(trainer))))[0][None]
+                recon(pad.to(pl_module.device))
+                continue
+            wanted, got = set(idx), {}
+            while len(got) < len(idx):  # indices are increasing within and across batches: one sequential pass
+                i, (img, label) = next(val)
+                if i in wanted:
+                    got[i] = (img, int(label))
+            x_B3HW = torch.stack([got[i][0] for i in idx]).to(pl_module.device)
+            pad = x_B3HW[:1]
+            yield idx, [got[i][1] for i in idx], recon(x_B3HW).float()
+
+
+def _gather_rows(x_NC: torch.Tensor) -> torch.Tensor:
+    """Concatenate a (n_rank, C) tensor over all ranks (uneven n allowed); identity without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x_NC
+    via_cuda = dist.get_backend() == "nccl" and x_NC.device.type != "cuda"
+    dev = torch.device("cuda", torch.cuda.current_device()) if via_cuda else x_NC.device
+    x = x_NC.to(dev)
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    m = int(max(s.item() for s in sizes))
+    padded = torch.zeros(m, x.shape[1], dtype=x.dtype, device=dev)
+    padded[: x.shape[0]] = x
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(x_NC.device)

@@ -1,0 +1,577 @@
+"""FIDCallback (one process, 2 DDP ranks, never in the sanity check), ``srdd evaluate`` and its errors, the
+classifier tool, and the table pipeline (row reuse, markdown, plots) with stand-ins; a slow end-to-end run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+
+from srdd_lightning.callbacks.fid import FIDCallback
+from srdd_lightning.cli import main as srdd_main
+from srdd_lightning.data import ShardDataModule, ShardIndex, digits_images, pack_digits
+from srdd_lightning.evaluation import (
+    EvaluationError,
+    evaluate,
+    evaluate_arrays,
+    extractor_from_options,
+    load_samples,
+    load_split,
+)
+from srdd_lightning.metrics import DigitsClassifier, DigitsClassifierConfig, save_classifier
+from srdd_lightning.sampling.config import SamplingConfig
+from srdd_lightning.table import (
+    RowSpec,
+    RowStore,
+    Stage,
+    TableConfig,
+    TableError,
+    TablePipeline,
+    check_same_budget,
+    ensure_trained,
+    make_figures,
+    render_markdown,
+    run_row,
+    write_outputs,
+)
+from srdd_lightning.utils.images import from_uint8, save_png, to_uint8
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+# ---------------------------------------------------------------------------------------------
+# stand-ins: a deterministic "generator" drawing real digits plus seeded noise, and a tiny stage
+# ---------------------------------------------------------------------------------------------
+
+_IMG, _LAB = digits_images(16)
+BANK = {c: _IMG[_LAB == c] for c in range(10)}
+
+
+def stand_in_image(label: int, seed: int, noise: float = 0.3) -> torch.Tensor:
+    """Sample (label, seed): a real digit of that class chosen by the seed, plus seeded noise; (3, 16, 16) in [-1, 1]."""
+    pool = BANK[label]
+    g = torch.Generator().manual_seed(seed)
+    x = from_uint8(pool[seed % len(pool)])
+    return (x + noise * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+def stand_in_batch(labels, seeds, noise: float = 0.3) -> torch.Tensor:
+    return torch.stack([stand_in_image(int(c), int(s), noise) for c, s in zip(labels, seeds)])
+
+
+class StandInSampler:
+    def __init__(self, stage: StandInStage):
+        self.stage = stage
+
+    def sample(self, labels_B, config, seeds=None, edit=None):
+        self.stage.sample_calls += 1
+        return SimpleNamespace(images=stand_in_batch(list(labels_B), seeds))
+
+
+class StandInStage(pl.LightningModule):
+    """Satisfies FIDCallback's protocol: sampler(), generator.num_classes, reconstruct(), ema_weights()."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))
+        self.generator = SimpleNamespace(num_classes=10)
+        self.sample_calls = 0
+        self.ema_entries = 0
+        self.sanity_flags: list[bool] = []
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        self.ema_entries += 1
+        yield
+
+    def sampler(self):
+        self.sanity_flags.append(bool(self.trainer.sanity_checking))
+        return StandInSampler(self)
+
+    def reconstruct(self, img_B3HW):
+        self.sanity_flags.append(bool(self.trainer.sanity_checking))
+        return (img_B3HW * 0.8).clamp(-1, 1)
+
+    def training_step(self, batch, batch_idx):
+        img, _ = batch
+        return (img.mean(dim=(1, 2, 3)) - self.w.sum()).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        img, _ = batch
+        self.log("val/loss", (img.mean() - self.w.sum()).pow(2))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.fixture(scope="module")
+def classifier_path(tmp_path_factory) -> Path:
+    """A small untrained digits classifier (a stand-in feature extractor, 16-d features)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
+    save_classifier(path, DigitsClassifier(DigitsClassifierConfig(width=8, feature_dim=16)), {"val_accuracy": 0.99, "num_val": 264})
+    return path
+
+
+def _trainer(tmp_path, callback, *more, **kw) -> pl.Trainer:
+    args = dict(accelerator="cpu", devices=1, max_steps=4, val_check_interval=2, check_val_every_n_epoch=None,
+                num_sanity_val_steps=2, limit_val_batches=1, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=3)  # fmt: skip
+    args.update(kw)
+    return pl.Trainer(callbacks=[callback, *more], **args)
+
+
+def _offline(digits_root, classifier_path, cache, n, seed, batch_size=256):
+    labels = [i % 10 for i in range(n)]
+    images = to_uint8(stand_in_batch(labels, [seed + i for i in range(n)]))
+    ext = extractor_from_options("digits-classifier", classifier_path)
+    return evaluate_arrays(images, torch.tensor(labels), ShardIndex.load(digits_root), ext, cache, batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# FIDCallback
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fid_callback_matches_offline_and_skips_sanity_check(tmp_path, digits_root, classifier_path):
+    cache = tmp_path / "cache"
+    cb = FIDCallback(every_n_steps=2, num_samples=61, classifier=str(classifier_path), cache_dir=str(cache),
+                     batch_size=25, seed=5)  # fmt: skip
+    stage = StandInStage()
+    best = pl.callbacks.ModelCheckpoint(tmp_path / "ckpt", monitor="val/fid_digits-classifier_61", every_n_train_steps=2)
+    trainer = _trainer(tmp_path, cb, best, enable_checkpointing=True)
+    trainer.fit(stage, datamodule=ShardDataModule(str(digits_root), batch_size=16))
+
+    assert cb.calls == 2 and stage.ema_entries == 2  # steps 2 and 4, with the EMA weights
+    assert stage.sample_calls == 2 * 3  # ceil(61 / 25) batches each time
+    assert stage.sanity_flags and not any(stage.sanity_flags)  # the sanity check ran, without sampling
+
+    key = "val/fid_digits-classifier_61"
+    assert cb.metric_key() == key
+    for k in (key, "val/is_digits-classifier_61", "val/class_acc_digits-classifier_61"):
+        assert k in trainer.callback_metrics, sorted(trainer.callback_metrics)
+    offline = _offline(digits_root, classifier_path, cache, 61, seed=5)["metrics"]
+    assert offline["num_samples"] == cb.last_metrics["num_samples"] == 61
+    for m in ("fid", "inception_score", "class_accuracy"):
+        assert cb.last_metrics[m] == pytest.approx(offline[m], rel=1e-6, abs=1e-9)
+    assert float(trainer.callback_metrics[key]) == pytest.approx(offline["fid"], rel=1e-5)
+    assert float(best.best_model_score) == pytest.approx(offline["fid"], rel=1e-5)  # monitorable
+
+    # The logger got it at the evaluation steps, whatever log_every_n_steps says (3 here).
+    rows = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()
+    col = rows[0].split(",").index(key)
+    steps = {int(r.split(",")[rows[0].split(",").index("step")]) for r in rows[1:] if r.split(",")[col]}
+    assert steps == {2, 4}
+
+
+def test_fid_callback_never_runs_under_fast_dev_run(tmp_path, digits_root, classifier_path):
+    cb = FIDCallback(every_n_steps=1, num_samples=20, classifier=str(classifier_path), cache_dir=str(tmp_path))
+    stage = StandInStage()
+    trainer = pl.Trainer(accelerator="cpu", fast_dev_run=2, callbacks=[cb], enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    trainer.fit(stage, datamodule=ShardDataModule(str(digits_root), batch_size=16))
+    assert cb.calls == 0 and stage.sample_calls == 0
+
+
+def test_fid_callback_reconstruct_mode_gives_rfid_of_validation_images(tmp_path, digits_root, classifier_path):
+    cache = tmp_path / "cache"
+    cb = FIDCallback(every_n_steps=4, num_samples=50, classifier=str(classifier_path), cache_dir=str(cache),
+                     batch_size=16, mode="reconstruct")  # fmt: skip
+    stage = StandInStage()
+    trainer = _trainer(tmp_path, cb)
+    trainer.fit(stage, datamodule=ShardDataModule(str(digits_root), batch_size=16))
+    assert cb.calls == 1 and "val/rfid_digits-classifier_50" in trainer.callback_metrics
+    index = ShardIndex.load(digits_root)
+    val, labels = load_split(index, "val")
+    recon = to_uint8((from_uint8(val[:50]) * 0.8).clamp(-1, 1))
+    offline = evaluate_arrays(recon, labels[:50], index, extractor_from_options("digits-classifier", classifier_path), cache)
+    assert cb.last_metrics["fid"] == pytest.approx(offline["metrics"]["fid"], rel=1e-6)
+    assert cb.last_metrics["class_accuracy"] == offline["metrics"]["class_accuracy"]
+
+
+DDP_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+import lightning.pytorch as pl
+from srdd_lightning.callbacks.fid import FIDCallback
+from srdd_lightning.data import ShardDataModule
+from test_evaluation import StandInStage
+
+cb = FIDCallback(every_n_steps=2, num_samples=61, classifier={classifier!r}, cache_dir={cache!r}, batch_size=10, seed=5)
+stage = StandInStage()
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, val_check_interval=2,
+                     check_val_every_n_epoch=None, num_sanity_val_steps=1, limit_val_batches=1, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+trainer.fit(stage, datamodule=ShardDataModule({root!r}, batch_size=16))
+logged = float(trainer.callback_metrics["val/fid_digits-classifier_61"])
+with open({out!r} + f"/rank{{trainer.global_rank}}.json", "w") as f:
+    json.dump({{"metrics": cb.last_metrics, "logged": logged, "sample_calls": stage.sample_calls,
+               "sanity": stage.sanity_flags}}, f)
+"""
+
+
+def test_fid_callback_identical_on_two_ddp_ranks_and_equal_to_one_process(tmp_path, digits_root, classifier_path):
+    cache = tmp_path / "cache"
+    script = tmp_path / "ddp_fid.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(TESTS_DIR), classifier=str(classifier_path), cache=str(cache),
+                                        root=str(digits_root), out=str(tmp_path)))  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["metrics"] == r1["metrics"] and r0["logged"] == r1["logged"]  # identical, not merely close
+    # 31 + 30 samples in batches of 10: both ranks run 4 sampler calls (rank 1 pads its last one).
+    assert r0["sample_calls"] == r1["sample_calls"] == 4 and not any(r0["sanity"] + r1["sanity"])
+    single = _offline(digits_root, classifier_path, cache, 61, seed=5)["metrics"]
+    for m in ("fid", "inception_score", "class_accuracy"):
+        assert r0["metrics"][m] == pytest.approx(single[m], rel=1e-6, abs=1e-9)
+    assert r0["metrics"]["num_samples"] == 61
+
+
+# ---------------------------------------------------------------------------------------------
+# srdd evaluate / srdd classifier
+# ---------------------------------------------------------------------------------------------
+
+
+SETTINGS = {"checkpoint": "runs/x/last.ckpt", "sampling": {"cfg": 2.0, "top_k": 900, "top_p": 0.96}, "seed": 3,
+            "seconds_per_image": 0.01}  # fmt: skip
+
+
+def _write_samples(folder: Path, n: int = 40, res: int = 16, npz: bool = False) -> tuple[torch.Tensor, list[int]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = [i % 10 for i in range(n)]
+    imgs = to_uint8(stand_in_batch(labels, list(range(n))))
+    if res != 16:
+        imgs = to_uint8(torch.nn.functional.interpolate(from_uint8(imgs), size=res, mode="bilinear"))
+    if npz:
+        np.savez(folder / "samples.npz", arr_0=imgs.permute(0, 2, 3, 1).numpy(), labels=np.array(labels))
+    else:
+        for i, (img, c) in enumerate(zip(imgs, labels)):
+            save_png(img, folder / f"{i:06d}_c{c}.png")
+    (folder / "sampling.json").write_text(json.dumps(SETTINGS))
+    return imgs, labels
+
+
+def test_evaluate_folder_and_npz_agree_and_record_settings(tmp_path, digits_root, classifier_path, capsys):
+    _write_samples(tmp_path / "pngs")
+    _write_samples(tmp_path / "npz", npz=True)
+    cache = tmp_path / "cache"
+    out = tmp_path / "result.json"
+    srdd_main(["evaluate", "--samples", str(tmp_path / "pngs"), "--data", str(digits_root), "--classifier",
+               str(classifier_path), "--cache_dir", str(cache), "--out", str(out)])  # fmt: skip
+    assert "FID" in capsys.readouterr().out
+    from_folder = json.loads(out.read_text())
+    from_npz = evaluate(str(tmp_path / "npz" / "samples.npz"), str(digits_root), classifier=str(classifier_path),
+                        cache_dir=str(cache))  # fmt: skip
+    assert from_folder["metrics"] == from_npz["metrics"]
+    m = from_folder["metrics"]
+    assert m["num_samples"] == 40 and {"fid", "inception_score", "precision", "recall", "class_accuracy"} <= set(m)
+    assert from_folder["sampling"] == SETTINGS  # copied from sampling.json beside the samples
+    assert from_folder["extractor"]["name"] == "digits-classifier"
+    assert from_folder["reference"]["count"] == ShardIndex.load(digits_root).split("train").total
+    assert len(list(cache.glob("*.npz"))) == 1  # computed once, then reused
+
+    # The cache key follows the extractor (another classifier) and the resolution (another pack).
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    save_classifier(other, DigitsClassifier(DigitsClassifierConfig(width=8, feature_dim=16)))
+    evaluate(str(tmp_path / "npz" / "samples.npz"), str(digits_root), classifier=str(other), cache_dir=str(cache))
+    root12 = pack_digits(tmp_path / "digits12", resolution=12, val_shards=2).root
+    _write_samples(tmp_path / "s12", res=12, npz=True)
+    evaluate(str(tmp_path / "s12" / "samples.npz"), str(root12), classifier=str(classifier_path), cache_dir=str(cache))
+    names = sorted(p.name for p in cache.glob("*.npz"))
+    assert len(names) == 3 and sum("-12px" in n for n in names) == 1, names
+
+
+def test_evaluate_errors_are_clear(tmp_path, digits_root, classifier_path, monkeypatch, capsys):
+    (tmp_path / "empty").mkdir()
+    samples = tmp_path / "s"
+    _write_samples(samples, npz=True)
+    npz = str(samples / "samples.npz")
+    with pytest.raises(EvaluationError, match="empty"):
+        evaluate(str(tmp_path / "empty"), str(digits_root), classifier=str(classifier_path))
+    with pytest.raises(EvaluationError, match="unknown extractor 'nope'"):
+        evaluate(npz, str(digits_root), extractor="nope")
+    with pytest.raises(EvaluationError, match="needs --classifier"):
+        evaluate(npz, str(digits_root))
+    with pytest.raises(EvaluationError, match=r"missing\.pt \(--classifier\) not found"):
+        evaluate(npz, str(digits_root), classifier=str(tmp_path / "missing.pt"))
+    monkeypatch.delenv("SRDD_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(EvaluationError, match="weights-inception-2015-12-05-6726825d.pth.*--inception_weights"):
+        evaluate(npz, str(digits_root), extractor="inception-v3-compat")
+    s12 = tmp_path / "s12"
+    _write_samples(s12, res=12, npz=True)
+    with pytest.raises(EvaluationError, match="12x12 px but the reference dataset .* packed at 16 px"):
+        evaluate(str(s12 / "samples.npz"), str(digits_root), classifier=str(classifier_path), cache_dir=str(tmp_path))
+    with pytest.raises(EvaluationError, match="--samples DIR_or_NPZ is required"):
+        evaluate(None, str(digits_root))
+    # On the command line: a one-line message and exit code 2, no traceback.
+    with pytest.raises(SystemExit) as e:
+        srdd_main(["evaluate", "--samples", str(tmp_path / "empty"), "--data", str(digits_root),
+                   "--classifier", str(classifier_path)])  # fmt: skip
+    assert e.value.code == 2 and "srdd evaluate: error: sample folder" in capsys.readouterr().err
+
+
+def test_load_samples_rejects_mixed_names_and_bad_npz(tmp_path):
+    _write_samples(tmp_path / "mixed", n=3)
+    save_png(torch.zeros(3, 16, 16, dtype=torch.uint8), tmp_path / "mixed" / "extra.png")
+    with pytest.raises(EvaluationError, match="all or none"):
+        load_samples(tmp_path / "mixed")
+    np.savez(tmp_path / "bad.npz", arr_0=np.zeros((2, 16, 16, 3), np.float32))
+    with pytest.raises(EvaluationError, match="uint8"):
+        load_samples(tmp_path / "bad.npz")
+    with pytest.raises(EvaluationError, match="folder of images or an .npz"):
+        load_samples(tmp_path / "mixed" / "000000_c0.png")
+
+
+@pytest.mark.slow
+def test_classifier_tool_trains_to_95_percent(tmp_path, digits_root, capsys):
+    out = tmp_path / "classifier.pt"
+    srdd_main(["classifier", "--data", str(digits_root), "--out", str(out)])
+    assert "val accuracy" in capsys.readouterr().out
+    from srdd_lightning.metrics import load_classifier
+
+    _, meta = load_classifier(out)
+    assert meta["val_accuracy"] >= 0.95 and meta["num_val"] == 264
+
+
+# ---------------------------------------------------------------------------------------------
+# the table: reuse, rendering, plots, stages, preflight
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_row_reuses_finished_rows(tmp_path):
+    store = RowStore(tmp_path)
+    calls = []
+
+    def compute(spec, ckpt, key):
+        calls.append(key)
+        return {"metrics": {"fid": 1.0 + len(calls), "num_samples": spec.num_samples}}
+
+    ctx = {"extractor": "digits-classifier-abc", "reference": "digits-train-1", "reference_count": 10, "resolution": 16}
+    spec = RowSpec("sdd", "SDD", "srdd", sampling=SamplingConfig(cfg=1.5), seed=0, num_samples=8)
+    a = run_row(spec, store, "ck", "sha1", ctx, compute)
+    b = run_row(spec, store, "ck", "sha1", ctx, compute)
+    assert len(calls) == 1 and not a["reused"] and b["reused"] and b["metrics"] == a["metrics"]
+    relabelled = RowSpec("x", "another label", "srdd", "refine", SamplingConfig(cfg=1.5), 0, 8)
+    assert run_row(relabelled, store, "ck", "sha1", ctx, compute)["label"] == "another label" and len(calls) == 1
+    # Anything that changes the numbers recomputes: checkpoint, settings, seeds, count, extractor.
+    run_row(spec, store, "ck", "sha2", ctx, compute)
+    run_row(RowSpec("sdd", "SDD", "srdd", sampling=SamplingConfig(cfg=2.0), seed=0, num_samples=8), store, "ck", "sha1", ctx, compute)
+    run_row(RowSpec("sdd", "SDD", "srdd", sampling=SamplingConfig(cfg=1.5), seed=1, num_samples=8), store, "ck", "sha1", ctx, compute)
+    run_row(spec, store, "ck", "sha1", {**ctx, "extractor": "other"}, compute)
+    assert len(calls) == 5
+    # A damaged result file is not trusted.
+    store.path(calls[0]).write_text("{ truncated")
+    run_row(spec, store, "ck", "sha1", ctx, compute)
+    assert len(calls) == 6
+
+
+def _fake_result(name, label, group, fid, sampling=None, cost=None, **metrics):
+    return {"name": name, "label": label, "group": group,
+            "settings": {"stage": "srdd", "sampling": sampling.to_dict() if sampling else None, "seed": 0, "num_samples": 100},
+            "metrics": {"fid": fid, "num_samples": 100, **metrics}, "seconds_per_image": 0.0123,
+            "cost_per_image": cost}  # fmt: skip
+
+
+def test_markdown_rendering_and_plots(tmp_path):
+    cost = {"tokens": 260, "attention_pairs": 4000, "forward_passes": 6}
+    rows = [
+        _fake_result("var", "VAR (causal)", "table", 12.3456, SamplingConfig(), cost, inception_score=8.5, class_accuracy=0.912),
+        _fake_result("sdd_mr", "+ mask resampling (R=2, p=0.5)", "table", 9.5,
+                     SamplingConfig(resample="mask", refine_steps=2, p_resample=0.5), {**cost, "tokens": 700}),
+    ]
+    anchors = [{**_fake_result("real_val", "real images (val split, 264)", "anchor", 3.2), "seeds_note": "val split"}]
+    md = render_markdown({"dataset": "digits", "feature extractor": "digits-classifier (cache key k)"}, rows, anchors,
+                         ["learned policy: skipped"])  # fmt: skip
+    assert md.startswith("# SRDD reproduction table: digits")
+    assert "- **feature extractor**: digits-classifier (cache key k)" in md
+    assert "| VAR (causal) | 12.346 | 8.50 | 91.2% | – | – | 0.0123 | 260 | 4000 | 100 | 0…99 | 1.5 (linear) | 900 / 0.96 | none |" in md
+    assert "mask ×2, keep p≥0.5" in md and "| real images (val split, 264) | 3.200 |" in md and "val split" in md
+    assert "- learned policy: skipped" in md
+
+    sweep = [_fake_result(f"sweep_cfg{g}", f"cfg {g}", "guidance", 10 - g + g * g / 4, SamplingConfig(cfg=g)) for g in (0.0, 1.0, 3.0)]
+    refine = [_fake_result(f"refine_{m}{r}", f"{m} R={r}", "refine", 10 - r,
+                           SamplingConfig(resample=m, refine_steps=r), {**cost, "tokens": 260 * (1 + r)})
+              for m in ("simple", "mask") for r in (0, 1, 2)]  # fmt: skip
+    figs = make_figures(rows + sweep + refine)
+    assert set(figs) == {"fid_vs_refinement", "fid_vs_guidance", "fid_vs_cost"}
+    written = write_outputs(tmp_path / "out", md, rows + sweep + refine, figs, tmp_path / "tb")
+    for name in ("table.md", "table.json", "fid_vs_refinement.png", "fid_vs_guidance.png", "fid_vs_cost.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert (tmp_path / "out" / "table.md").read_text() == md and tmp_path / "tb" in written
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_same_budget_check():
+    srdd = {"model": {"init_args": {"attn": "markov", "lr": 1e-3}}, "trainer": {"max_steps": 100}, "data": {"batch_size": 64}}
+    var = {"model": {"init_args": {"attn": "causal", "lr": 1e-3}}, "trainer": {"max_steps": 100}, "data": {"batch_size": 64}}
+    assert check_same_budget(srdd, var, "s.yaml", "v.yaml") == {"max_steps": 100, "global batch": 64, "lr": 1e-3, "generator": None}
+    var["model"]["init_args"]["lr"] = 2e-3
+    var["trainer"]["max_steps"] = 50
+    with pytest.raises(TableError, match="model.init_args.lr, trainer.max_steps"):
+        check_same_budget(srdd, var, "s.yaml", "v.yaml")
+
+
+def test_ensure_trained_reuses_resumes_or_trains(tmp_path):
+    config = tmp_path / "experiments" / "demo" / "srdd.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(yaml.safe_dump({"trainer": {"max_steps": 10}}))
+    cfg = TableConfig(dataset="demo", runs=str(tmp_path / "runs"), results=str(tmp_path / "results"), data="d")
+    stage = Stage("srdd", config, "demo/srdd")
+    ckpt = tmp_path / "runs" / "demo" / "srdd" / "version_0" / "checkpoints" / "last.ckpt"
+    calls = []
+
+    def fit(args, log):
+        calls.append(args)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"global_step": 10}, ckpt)
+
+    assert ensure_trained(stage, cfg, fit) == ckpt and len(calls) == 1 and "--ckpt_path" not in calls[0]
+    assert calls[0][:3] == ["fit", "--config", str(config)] and "demo/srdd" in calls[0]
+    # max_steps 10 is no multiple of the default every_n_train_steps (500): checkpoints on a divisor, so that
+    # last.ckpt holds the final step
+    assert calls[0][calls[0].index("--checkpoint.every_n_train_steps") + 1] == "10"
+    ensure_trained(stage, cfg, fit)
+    assert len(calls) == 1  # finished: reused
+    torch.save({"global_step": 4}, ckpt)
+    ensure_trained(stage, cfg, fit)
+    assert len(calls) == 2 and calls[1][calls[1].index("--ckpt_path") + 1] == str(ckpt)  # interrupted: resumed
+    # A resume that wrote last-v1.ckpt beside last.ckpt: the furthest one counts.
+    torch.save({"global_step": 4}, ckpt)
+    torch.save({"global_step": 10}, ckpt.with_name("last-v1.ckpt"))
+    assert ensure_trained(stage, cfg, fit) == ckpt.with_name("last-v1.ckpt") and len(calls) == 2
+    ckpt.with_name("last-v1.ckpt").unlink()
+    with pytest.raises(TableError, match="at step 4, not one at step 10"):
+        ensure_trained(stage, cfg, lambda args, log: None)  # a fit that does not reach max_steps is an error
+
+
+def test_paper_dataset_fails_clearly_without_data_and_weights(tmp_path, monkeypatch):
+    monkeypatch.delenv("SRDD_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "ffhq.yaml").write_text(yaml.safe_dump(
+        {"model": {"init_args": {"tokenizer_ckpt": str(tmp_path / "weights" / "vae.pth")}}}))  # fmt: skip
+    cfg = TableConfig(dataset="ffhq", experiments=str(tmp_path / "experiments"), data=str(tmp_path / "data" / "ffhq"),
+                      runs=str(tmp_path / "runs"), results=str(tmp_path / "results"))  # fmt: skip
+    assert cfg.num_samples == 10_000 and cfg.extractor == "inception-v3-compat"
+    with pytest.raises(TableError) as e:
+        TablePipeline(cfg, fit=lambda *a, **k: pytest.fail("must not train"), sample=lambda **k: None).run()
+    msg = str(e.value)
+    assert "index.json missing" in msg and "data/README.md" in msg
+    assert "--inception_weights" in msg and "vae.pth" in msg
+
+
+def _fake_sample_fn(calls):
+    """Writes what ``srdd sample`` writes; quality depends on guidance and refinement so the curves differ."""
+
+    def sample(ckpt, out, num_samples, seed, batch_size, sampling, device, progress):
+        calls.append(out)
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        labels = [i * 10 // num_samples for i in range(num_samples)]
+        noise = 0.2 + 0.1 * abs(sampling.cfg - 1.0) + 0.2 / (1 + sampling.refine_steps) + (0.2 if "var" in ckpt else 0.0)
+        imgs = to_uint8(stand_in_batch(labels, [seed + i for i in range(num_samples)], noise))
+        np.savez(out / "samples.npz", arr_0=imgs.permute(0, 2, 3, 1).numpy(), labels=np.array(labels))
+        cost = {"forward_passes": 6, "tokens": 130 * (1 + sampling.refine_steps) * (2 if sampling.cfg else 1),
+                "attention_pairs": 2000 * (1 + sampling.refine_steps)}  # fmt: skip
+        (out / "sampling.json").write_text(json.dumps({"checkpoint": ckpt, "sampling": sampling.to_dict(), "seed": seed,
+                                                      "num_samples": num_samples,
+                                                      "seconds_per_image": 0.001, "cost_per_image": cost}))  # fmt: skip
+        return out
+
+    return sample
+
+
+def test_table_rows_are_reused_on_rerun_and_rendered(tmp_path, digits_root, classifier_path):
+    ckpts = {}
+    for name in ("var", "srdd"):
+        ckpts[name] = tmp_path / f"{name}.ckpt"
+        ckpts[name].write_bytes(name.encode())
+    cfg = TableConfig(data=str(digits_root), results=str(tmp_path / "results"), runs=str(tmp_path / "runs"),
+                      classifier=str(classifier_path), cache_dir=str(tmp_path / "cache"), num_samples=40,
+                      sweep_samples=30, guidance_grid=[0.5, 2.0], refine_grid=[0, 2, 4], device="cpu")  # fmt: skip
+
+    def build(calls):
+        p = TablePipeline(cfg, fit=lambda *a, **k: pytest.fail("no training here"), sample=_fake_sample_fn(calls))
+        p.index = ShardIndex.load(digits_root)
+        p.extractor = extractor_from_options("digits-classifier", classifier_path)
+        p.context = {"extractor": p.extractor.cache_key, "reference": "digits", "reference_count": 1, "resolution": 16}
+        rows, anchors = p.build_rows(ckpts, {})
+        return p, rows, anchors
+
+    calls: list = []
+    p, rows, anchors = build(calls)
+    # var, sdd, +SR, +MR, 2 sweep points, tuned, SDD on fewer scales; refinement R=4 for simple and mask (R=0, R=2
+    # are table rows already)
+    assert len(calls) == 10
+    assert [r["name"] for r in rows] == ["var", "sdd", "sdd_sr", "sdd_mr", "sdd_mr_cfg", "sdd_zero_shot"]
+    assert rows[-1]["settings"]["sampling"]["schedule"] == [1, 2, 4, 6, 8]
+    assert rows[4]["label"] == "+ tuned guidance (cfg 0.5)"  # the fake quality peaks near cfg 1: 0.5 beats 2.0
+    assert rows[4]["settings"]["seed"] == 0 and all(r["settings"]["seed"] == cfg.sweep_seed for r in p.results if r["group"] == "guidance")
+    assert anchors[0]["name"] == "real_val" and anchors[0]["metrics"]["num_samples"] == 264
+    assert any("student" in n for n in p.notes) and any("policy" in n for n in p.notes)
+
+    again: list = []
+    p2, rows2, _ = build(again)
+    assert again == [] and all(r["reused"] for r in p2.results)  # nothing recomputed
+    assert [r["metrics"] for r in rows2] == [r["metrics"] for r in rows]
+
+    # Rows whose results are gone (e.g. after a metric change) are re-scored from the stored samples, not resampled.
+    for f in (tmp_path / "results" / "digits" / "rows").glob("*.json"):
+        f.unlink()
+    rescored: list = []
+    p3, rows3, _ = build(rescored)
+    assert rescored == [] and not any(r["reused"] for r in rows3)
+    assert [r["metrics"] for r in rows3] == [r["metrics"] for r in rows]
+    assert not list((tmp_path / "results" / "digits" / "samples").glob("*/*.png"))  # samples.npz keeps them
+
+    md = render_markdown({"dataset": "digits"}, rows2, anchors, p2.notes)
+    for r in rows2:
+        assert f"| {r['label']} |" in md
+    figs = make_figures(p2.results)
+    assert set(figs) == {"fid_vs_refinement", "fid_vs_guidance", "fid_vs_cost"}
+    import matplotlib.pyplot as plt
+
+    for f in figs.values():
+        plt.close(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole digits pipeline (trains three stages: minutes)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_reproduce_table_digits_end_to_end(tmp_path, digits_root):
+    repo = TESTS_DIR.parent
+    if not all((repo / "experiments" / "digits" / f"{s}.yaml").is_file() for s in ("tokenizer", "srdd", "var")):
+        pytest.skip("experiments/digits/{tokenizer,srdd,var}.yaml are not all present")
+    cfg = TableConfig(data=str(digits_root), experiments=str(repo / "experiments"), runs=str(tmp_path / "runs"),
+                      results=str(tmp_path / "results"), cache_dir=str(tmp_path / "cache"), num_samples=200,
+                      guidance_grid=[1.0, 3.0], refine_grid=[0, 2],
+                      smoke_steps=40)  # fmt: skip
+    table = TablePipeline(cfg).run()
+    md = table.read_text()
+    for label in ("VAR (causal)", "SDD (markov)", "+ simple resampling", "+ mask resampling", "+ tuned guidance",
+                  "real images", "tokenizer reconstructions"):  # fmt: skip
+        assert label in md
+    for name in ("fid_vs_refinement", "fid_vs_guidance", "fid_vs_cost"):
+        assert (table.parent / f"{name}.png").is_file()
+    # Re-running trains nothing and recomputes no row.
+    calls = []
+    TablePipeline(cfg, fit=lambda *a, **k: calls.append(a), sample=lambda **k: calls.append(k)).run()
+    assert calls == []
