@@ -86,6 +86,19 @@ def test_fit_then_resume_continues_exactly(tmp_path, digits_root):
     assert not list(run_dir.glob("checkpoints/.*tmp*")), "no temporary checkpoint files left behind"
 
 
+def test_last_checkpoint_is_the_final_step_and_overwritten_on_resume(tmp_path, digits_root):
+    # max_steps 7 is not a multiple of every_n_train_steps 5: last.ckpt must still hold step 7
+    cfg = _config(tmp_path, digits_root, max_steps=7)
+    main(["fit", "--config", str(cfg), "--checkpoint.every_n_train_steps", "5"])
+    ckpts = tmp_path / "runs" / "demo" / "smoke" / "version_0" / "checkpoints"
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 7
+    # a resume with other checkpoint options overwrites last.ckpt instead of writing last-v1.ckpt
+    main(["fit", "--config", str(cfg), "--trainer.max_steps", "9", "--ckpt_path", "last",
+          "--checkpoint.every_n_train_steps", "4"])
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 9
+    assert not list(ckpts.glob("last-v*.ckpt"))
+
+
 def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path, digits_root):
     cfg = _config(tmp_path, digits_root)
     with pytest.raises(FileNotFoundError, match="no .*last.ckpt exists"):

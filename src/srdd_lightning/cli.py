@@ -73,6 +73,21 @@ def version_of_checkpoint(ckpt_path: str | Path) -> int | None:
     return None
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is always the final state of a run.
+
+    Lightning writes ``last`` only together with a periodic checkpoint, and at the end of training only
+    if it never wrote one; a run whose ``max_steps`` is not a multiple of ``every_n_train_steps`` would
+    otherwise leave ``last.ckpt`` behind the trained model.
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer) \
+                and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
+
+
 class SRDDCLI(LightningCLI):
     """LightningCLI in subclass mode (the stage is ``model.class_path``) over :class:`ShardDataModule`."""
 
@@ -94,8 +109,10 @@ class SRDDCLI(LightningCLI):
                                  "(default: the config's path below experiments/, e.g. digits/srdd).")
         parser.add_argument("--run.root", type=str, default=DEFAULT_RUN_ROOT, help="Folder holding all runs.")
         parser.link_arguments("seed_everything", "data.seed")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        # last.ckpt is overwritten in place (no last-v1.ckpt when a resumed run changes checkpoint options).
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500,
+                             "checkpoint.enable_version_counter": False})
 
     # ---- run folder, resume and data-derived model arguments
     def _run_name(self, cfg) -> str:
@@ -177,6 +194,9 @@ def _data_tool(argv: Sequence[str]) -> None:
 TOOLS["data"] = ("pack the built-in digits or an image folder into shards", "srdd_lightning.cli:_data_tool")
 TOOLS["sample"] = ("sample a trained generator into PNGs, grid.png and samples.npz (also editing)",
                    "srdd_lightning.sampling.sample_cli:main")
+TOOLS["evaluate"] = ("score samples (folder or npz): FID, IS, precision/recall, class accuracy",
+                     "srdd_lightning.evaluation:evaluate_tool")
+TOOLS["classifier"] = ("train the digits classifier behind the digits FID", "srdd_lightning.evaluation:classifier_tool")
 
 LIGHTNING_SUBCOMMANDS = {
     "fit": "train a stage (model.class_path picks it) on packed shards",
