@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DIGITS := data/digits
 
-.PHONY: install test test-slow test-gpu demo tensorboard bench clean help
+.PHONY: install test test-slow test-gpu demo reproduce-table tensorboard bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -30,9 +30,20 @@ test-gpu: $(STAMP)  ## the tests marked gpu (needs CUDA)
 $(DIGITS)/index.json: | $(STAMP)
 	$(BIN)/srdd data digits --out $(DIGITS)
 
-demo: $(STAMP) $(DIGITS)/index.json  ## the main job on the built-in digits, on the CPU
-	$(BIN)/srdd fit --config experiments/digits/smoke.yaml
-	@echo "demo finished: run folder runs/digits/smoke/ (TensorBoard: make tensorboard)"
+demo: $(STAMP) $(DIGITS)/index.json  ## the main job on the built-in digits (CPU, ~10-15 min): tokenizer -> SRDD generator -> samples
+	@echo "== [1/3] stage 1: multi-scale tokenizer -> runs/digits/tokenizer/"
+	$(BIN)/srdd fit --config experiments/digits/tokenizer.yaml
+	@echo "== [2/3] stage 2: SRDD generator (Markov mask) -> runs/digits/srdd/"
+	$(BIN)/srdd fit --config experiments/digits/srdd.yaml
+	@echo "== [3/3] class-conditional samples -> runs/digits/demo-samples/"
+	rm -rf runs/digits/demo-samples
+	$(BIN)/srdd sample --ckpt runs/digits/srdd --out runs/digits/demo-samples --num_per_class 10
+	@echo "demo finished: runs/digits/demo-samples/grid.png (row k = class k, digits 0-9);" \
+	      "runs in runs/digits/{tokenizer,srdd}/ (dashboards: make tensorboard)"
+
+DATASET ?= digits
+reproduce-table: $(STAMP)  ## the paper's table (results/$(DATASET)/table.md + plots); digits on the CPU, DATASET=ffhq|miniimagenet|sun397 on GPUs
+	$(BIN)/python -m srdd_lightning.table --dataset $(DATASET)
 
 tensorboard: $(STAMP)  ## dashboards of every run under runs/
 	$(BIN)/tensorboard --logdir runs
