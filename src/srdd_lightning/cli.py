@@ -136,6 +136,8 @@ class SRDDCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         self._fill_model_from_data(cfg)
+        if cfg.trainer.get("default_root_dir") is None:  # where outputs go even without a logger
+            cfg.trainer.default_root_dir = str(Path(cfg.run.root) / self._run_name(cfg))
         if cfg.trainer.get("logger") in (None, True):
             version = version_of_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
             cfg.trainer.logger = {

@@ -118,16 +118,10 @@ def tokenizer_state_from_module_checkpoint(
     return state, used
 
 
-def load_tokenizer(
-    path: str | os.PathLike, ema: bool = True, option: str = TOKENIZER_OPTION
-) -> tuple[MultiScaleTokenizer, dict[str, Any]]:
-    """A frozen tokenizer (eval mode, no gradients) from a TokenizerModule checkpoint / run folder or VAR's VQVAE file.
-
-    ``info`` records where it came from: ``path`` (the resolved file), ``kind`` (``tokenizer_module`` or
-    ``var_vae``), ``preset``/``overrides``, ``ema`` (EMA weights used), sizes, and ``fingerprint``.
-    """
+def resolve_tokenizer_checkpoint(path: str | os.PathLike, option: str = TOKENIZER_OPTION) -> Path:
+    """:func:`resolve_checkpoint` for a tokenizer, whose error also says how to obtain one."""
     try:
-        file = resolve_checkpoint(path, option)
+        return resolve_checkpoint(path, option)
     except FileNotFoundError as e:
         if Path(path).name.startswith("vae_ch160v4096z32"):
             hint = ("Download vae_ch160v4096z32.pth from VAR's release (Hugging Face FoundationVision/var); "
@@ -136,6 +130,17 @@ def load_tokenizer(
             hint = ("Train the tokenizer stage first (its run folder holds checkpoints/last.ckpt), "
                     "or point the option at an existing one")
         raise FileNotFoundError(f"tokenizer checkpoint not found: {e}. {hint}") from None
+
+
+def load_tokenizer(
+    path: str | os.PathLike, ema: bool = True, option: str = TOKENIZER_OPTION
+) -> tuple[MultiScaleTokenizer, dict[str, Any]]:
+    """A frozen tokenizer (eval mode, no gradients) from a TokenizerModule checkpoint / run folder or VAR's VQVAE file.
+
+    ``info`` records where it came from: ``path`` (the resolved file), ``kind`` (``tokenizer_module`` or
+    ``var_vae``), ``preset``/``overrides``, ``ema`` (EMA weights used), sizes, and ``fingerprint``.
+    """
+    file = resolve_tokenizer_checkpoint(path, option)
     ckpt = _torch_load(file)
     info: dict[str, Any] = {"path": str(file), "given": os.fspath(path)}
     if is_tokenizer_module_checkpoint(ckpt):

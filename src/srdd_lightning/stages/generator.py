@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srdd_lightning.loading import load_tokenizer, resolve_checkpoint
+from srdd_lightning.loading import load_tokenizer, resolve_tokenizer_checkpoint
 from srdd_lightning.models.ema import EMA
 from srdd_lightning.models.scales import flatten_tokens, scale_slices, subset_indices
 from srdd_lightning.models.transformer import VARTransformer, generator_config
@@ -156,7 +156,7 @@ class SRDDModule(pl.LightningModule):
     @staticmethod
     def check_init_args(init_args: dict) -> None:
         """Called by ``srdd`` before building the module: the tokenizer checkpoint must exist."""
-        resolve_checkpoint(init_args["tokenizer_ckpt"], option="model.init_args.tokenizer_ckpt")
+        resolve_tokenizer_checkpoint(init_args["tokenizer_ckpt"], option="model.init_args.tokenizer_ckpt")
 
     def __init__(
         self,
