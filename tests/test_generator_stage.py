@@ -547,3 +547,14 @@ def test_cli_reports_a_missing_tokenizer_plainly(digits_root, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"weights/nowhere.pth.*model.init_args.tokenizer_ckpt"):
         main(["fit", "--config", "experiments/digits/srdd.yaml", "--data.root", str(digits_root),
               "--model.init_args.tokenizer_ckpt", "weights/nowhere.pth", "--run.root", str(tmp_path)])
+
+
+def test_generator_fsdp_strategy_is_configured_from_plain_values():
+    from srdd_lightning.models.transformer import AdaLNBlock
+    from srdd_lightning.strategies import GeneratorFSDP
+
+    s = GeneratorFSDP(sharding_strategy="SHARD_GRAD_OP", activation_checkpointing=True)
+    assert s.mixed_precision.param_dtype == torch.float32
+    assert s.kwargs["auto_wrap_policy"] is not None and str(s.sharding_strategy).endswith("SHARD_GRAD_OP")
+    assert s._activation_checkpointing_kwargs  # block-wise recomputation requested
+    assert AdaLNBlock in s.kwargs["auto_wrap_policy"]._module_classes

@@ -15,18 +15,12 @@ generator's checkpoints: it is reloaded from ``tokenizer_ckpt``, whose resolved 
 fingerprint the checkpoint records, so a generator cannot silently meet a different tokenizer.
 
 Strategies: DDP (every generator parameter is used: no ``find_unused_parameters``; the EMA and tokenizer
-buffers are not re-broadcast each step), bf16-mixed, and FSDP with one unit per transformer block::
-
-    FSDPStrategy(auto_wrap_policy={AdaLNBlock},            # srdd_lightning.models.transformer.AdaLNBlock
-                 mixed_precision=MixedPrecision(param_dtype=torch.float32, reduce_dtype=torch.float32,
-                                                buffer_dtype=torch.float32))   # with precision="bf16-mixed"
-
-The embeddings and the head stay in the root unit. fp32 master parameters are needed because the generator
-computes its embeddings in fp32 outside autocast (Lightning's default FSDP bf16 config casts parameters to
-bf16); compute still runs in bf16 under autocast. The tokenizer and the EMA are FSDP ``ignored_modules`` (set
-by :meth:`SRDDModule.setup`), gradient clipping uses the root's ``clip_grad_norm_`` and the EMA reads the
-gathered full parameters. The model is built in ``__init__`` (no ``configure_model``): VAR-d16..d30 fit in
-host memory, and FSDP shards them when it wraps.
+buffers are not re-broadcast each step), bf16-mixed, and FSDP with one unit per transformer block through
+:class:`srdd_lightning.strategies.GeneratorFSDP` (``auto_wrap_policy={AdaLNBlock}``, fp32 master weights,
+bf16 compute under autocast). The embeddings and the head stay in the root unit. The tokenizer and the EMA
+are FSDP ``ignored_modules`` (set by :meth:`SRDDModule.setup`), gradient clipping uses the root's
+``clip_grad_norm_`` and the EMA reads the gathered full parameters. The model is built in ``__init__`` (no
+``configure_model``): VAR-d16..d30 fit in host memory, and FSDP shards them when it wraps.
 """
 
 from __future__ import annotations
