@@ -19,7 +19,7 @@ from srdd_lightning.data import ShardDataModule
 from srdd_lightning.models.quantizer import code_hits, codebook_usage, usage_from_hits
 from srdd_lightning.models.tokenizer import build_tokenizer
 from srdd_lightning.stages.tokenizer import TokenizerModule, psnr, scale_hits, ssim
-from test_tokenizer_blocks import lpips_files, var_vae_shapes  # noqa: F401 (a fixture and a VAR key/shape table)
+from test_tokenizer_blocks import var_vae_shapes  # VAR's key/shape table
 
 MODULE = "srdd_lightning.stages.tokenizer.TokenizerModule"
 # The digits preset, narrowed for speed: 16 px, 8×8 latent, patch_nums (1, 2, 3, 4, 6, 8).

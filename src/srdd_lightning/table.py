@@ -46,7 +46,6 @@ from srdd_lightning.data.index import ShardIndex
 from srdd_lightning.evaluation import (
     DEFAULT_CACHE_DIR,
     EvaluationError,
-    dataset_key,
     evaluate_arrays,
     extractor_description,
     extractor_from_options,

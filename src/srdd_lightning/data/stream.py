@@ -84,7 +84,8 @@ def _skip(counter: dict | None, path, why: str) -> None:
         total = counter["skipped"]
     else:
         total = "?"
-    warnings.warn(f"skipped corrupt data in shard {path} ({why}); {total} skipped so far", CorruptSampleWarning)
+    warnings.warn(f"skipped corrupt data in shard {path} ({why}); {total} skipped so far", CorruptSampleWarning,
+                  stacklevel=2)
 
 
 def decode_image(png: bytes, resolution: int, flip: bool) -> torch.Tensor:
