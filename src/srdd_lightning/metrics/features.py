@@ -71,7 +71,7 @@ class FeatureExtractor(nn.Module):
 
     def logits(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         """Class logits (B, num_classes); only for extractors with a classifier head."""
-        raise NotImplementedError(f"feature extractor {self.name!r} has no class logits (no IS / class accuracy)")
+        raise TypeError(f"feature extractor {self.name!r} has no class logits (no IS / class accuracy); check has_logits")
 
 
 # ---------------------------------------------------------------------------------------------
