@@ -30,10 +30,14 @@ test-gpu: $(STAMP)  ## the tests marked gpu (needs CUDA)
 $(DIGITS)/index.json: | $(STAMP)
 	$(BIN)/srdd data digits --out $(DIGITS)
 
-demo: $(STAMP) $(DIGITS)/index.json  ## the main job on the built-in digits (CPU, ~10-15 min): tokenizer -> SRDD generator -> samples
+CLASSIFIER := runs/digits/classifier.pt
+$(CLASSIFIER): | $(DIGITS)/index.json
+	$(BIN)/srdd classifier --data $(DIGITS) --out $(CLASSIFIER)
+
+demo: $(STAMP) $(DIGITS)/index.json $(CLASSIFIER)  ## the main job on the built-in digits (CPU, ~10 min): tokenizer -> SRDD generator -> samples
 	@echo "== [1/3] stage 1: multi-scale tokenizer -> runs/digits/tokenizer/"
 	$(BIN)/srdd fit --config experiments/digits/tokenizer.yaml
-	@echo "== [2/3] stage 2: SRDD generator (Markov mask) -> runs/digits/srdd/"
+	@echo "== [2/3] stage 2: SRDD generator (Markov mask; digits-FID curve in TensorBoard) -> runs/digits/srdd/"
 	$(BIN)/srdd fit --config experiments/digits/srdd.yaml
 	@echo "== [3/3] class-conditional samples -> runs/digits/demo-samples/"
 	rm -rf runs/digits/demo-samples

@@ -15,6 +15,7 @@ import importlib
 import inspect
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,6 +80,14 @@ class RunCheckpoint(ModelCheckpoint):
     if it never wrote one; a run whose ``max_steps`` is not a multiple of ``every_n_train_steps`` would
     otherwise leave ``last.ckpt`` behind the trained model.
     """
+
+    def on_train_batch_end(self, trainer, pl_module, *args, **kwargs) -> None:
+        with warnings.catch_warnings():
+            # Lightning 2.6 warns (with a page of sample code) that under manual optimization the checkpoint
+            # holds the state after the optimizer step: that is exactly the state a resumed run needs.
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization",
+                                    category=UserWarning)
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer) \
