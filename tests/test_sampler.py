@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_weights
 
 import srdd_lightning.sampling.sampler as sampler_mod
 from srdd_lightning.models.scales import num_tokens, scale_slices
@@ -34,22 +35,9 @@ PLAIN = dict(cfg=0.0, top_k=0, top_p=1.0)  # no guidance, no filtering
 GREEDY = dict(cfg=0.0, top_k=1, top_p=1.0)
 
 
-def _randomize(model: torch.nn.Module, seed: int = 1, std: float = 0.3) -> None:
-    """Replace VAR's near-identity init (gates ~1e-5) so that logits are peaked and attention matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("log_temp"):
-                p.copy_(torch.rand(p.shape, generator=g) * 2 + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-        if hasattr(model, "head"):
-            model.head.out.weight.mul_(3.0)
-
-
 def _generator(attn: str = "markov", patch_nums=PNS, seed: int = 1, **kw):
     gen = build_generator("tiny", attn=attn, patch_nums=patch_nums, width=64, num_heads=2, **kw)
-    _randomize(gen, seed)
+    randomize_weights(gen, seed, head_gain=3.0)
     return gen.eval()
 
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_weights
 
 from srdd_lightning.models.scales import num_tokens, scale_ids, scale_slices
 from srdd_lightning.models.transformer import (
@@ -23,22 +24,11 @@ VAR_PNS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 SMALL_PNS = (1, 2, 3, 4, 6)
 
 
-def _randomize(model: torch.nn.Module, seed: int = 1, std: float = 0.3) -> None:
-    """Replace VAR's near-identity init (gates ~1e-5) so that attention visibly shapes the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("log_temp"):
-                p.copy_(torch.rand(p.shape, generator=g) * 2 + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
 def _model(attn: str, patch_nums=SMALL_PNS, depth: int = 2, **kw) -> VARTransformer:
     torch.manual_seed(0)
     kw = {"width": 64, "num_heads": 2, "latent_dim": 8, "vocab_size": 32, "num_classes": 10, **kw}
     model = build_generator("tiny", attn=attn, depth=depth, patch_nums=patch_nums, **kw)
-    _randomize(model)
+    randomize_weights(model)
     return model.eval()
 
 
