@@ -399,9 +399,6 @@ class SRDDModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
-        if self._ema_ctx is not None:
-            self._ema_ctx.close()
-            self._ema_ctx = None
 
     def on_test_epoch_start(self) -> None:
         self.on_validation_epoch_start()
@@ -411,9 +408,6 @@ class SRDDModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
-        if self._ema_ctx is not None:
-            self._ema_ctx.close()
-            self._ema_ctx = None
 
     def _eval_step(self, batch, prefix: str) -> None:
         ce_BL, logits_BLV, gt_BL = self._forward_loss(batch, train=False)
@@ -423,13 +417,19 @@ class SRDDModule(pl.LightningModule):
         self.log_dict(metrics, sync_dist=True, batch_size=gt_BL.shape[0])
 
     def _eval_epoch_end(self, prefix: str) -> None:
-        hits_V = self._val_hits_V
-        if hits_V is None:  # this rank saw no batch
-            hits_V = torch.zeros(self.generator.config.vocab_size, dtype=torch.bool, device=self.device)
-        hits_V = self.trainer.strategy.reduce(hits_V.float(), reduce_op="sum") > 0
-        # share of the codebook the (EMA) model predicts anywhere in the whole pass
-        self.log(f"{prefix}/codebook_share", hits_V.float().mean(), sync_dist=True)  # equal on every rank already
-        self._val_hits_V = None
+        """Log the pass's codebook share, then put the training weights back (swapped out at epoch start)."""
+        try:
+            hits_V = self._val_hits_V
+            if hits_V is None:  # this rank saw no batch
+                hits_V = torch.zeros(self.generator.config.vocab_size, dtype=torch.bool, device=self.device)
+            hits_V = self.trainer.strategy.reduce(hits_V.float(), reduce_op="sum") > 0
+            # share of the codebook the (EMA) model predicts anywhere in the whole pass
+            self.log(f"{prefix}/codebook_share", hits_V.float().mean(), sync_dist=True)  # equal on every rank already
+            self._val_hits_V = None
+        finally:
+            if self._ema_ctx is not None:
+                self._ema_ctx.close()
+                self._ema_ctx = None
 
     # ---- optimisation --------------------------------------------------------------------------
 
