@@ -15,6 +15,10 @@ import torch
 
 Schedule = tuple[int, ...]
 
+# VAR's released schedules (FoundationVision/VAR): 256 px (680 tokens, 16x16 latent) and 512 px (32x32 latent).
+VAR_PATCH_NUMS_256: Schedule = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+VAR_PATCH_NUMS_512: Schedule = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
 
 def as_schedule(patch_nums: Sequence[int]) -> Schedule:
     """Validate and normalise a schedule: positive, strictly increasing integers."""

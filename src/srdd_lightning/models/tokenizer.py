@@ -15,10 +15,9 @@ import torch
 from torch import nn
 
 from srdd_lightning.models.quantizer import LOOKUPS, PHI_MODES, MultiScaleResidualQuantizer, QuantizerOutput
-from srdd_lightning.models.scales import as_schedule
+from srdd_lightning.models.scales import VAR_PATCH_NUMS_256, as_schedule
 from srdd_lightning.models.vae import Decoder, Encoder
 
-VAR_PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 # ---------------------------------------------------------------------------------------------
 # Config

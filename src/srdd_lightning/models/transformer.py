@@ -22,11 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from srdd_lightning.models.scales import Schedule, as_schedule, num_tokens, scale_ids, scale_slices, subset_indices
+from srdd_lightning.models.scales import VAR_PATCH_NUMS_256, Schedule, as_schedule, num_tokens, scale_ids, scale_slices, subset_indices
 
 AttnMode = Literal["markov", "causal", "markov_prev"]
 ATTN_MODES: tuple[str, ...] = get_args(AttnMode)
-VAR_PATCH_NUMS_256: Schedule = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 # q, k, v (B, H, l, c) and the softmax scale -> attended values (B, H, l, c)
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from srdd_lightning.models.scales import VAR_PATCH_NUMS_256
 from srdd_lightning.models.tokenizer import MultiScaleTokenizer, build_tokenizer
 
 # =============================================================================================
@@ -138,12 +139,8 @@ def load_var_vae(
     if patch_nums is None:
         if image_size != 256:
             raise ValueError(f"image_size={image_size} needs a patch_nums ending at {image_size // 16} (the latent size)")
-        patch_nums = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+        patch_nums = VAR_PATCH_NUMS_256
     model = build_tokenizer("var-vae-f16", image_size=image_size, patch_nums=tuple(patch_nums), **overrides)
     model.load_state_dict(convert_var_vae_state_dict(var_sd, model), strict=True)
     return model.eval()
 
-
-# =============================================================================================
-# Transformer: var_d{16,20,24,30,36}.pth -> generator (to be added)
-# =============================================================================================
