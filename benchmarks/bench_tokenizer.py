@@ -37,9 +37,9 @@ def bench(preset: str, batch: int, repeats: int, device: str) -> dict:
     img = torch.rand(batch, tok.config.image_channels, s, s, device=device) * 2 - 1
     with torch.inference_mode():
         f = tok.encode(img)
-        f_hat = tok.tokens_to_fhat(tok.quantizer.f_to_tokens(f))
+        f_hat = tok.tokens_to_fhat(tok.quantizer.quantize(f).tokens)
         t_enc = _time(lambda: tok.encode(img), repeats)
-        t_q = _time(lambda: tok.quantizer.f_to_tokens(f), repeats)
+        t_q = _time(lambda: tok.quantizer.quantize(f), repeats)
         t_dec = _time(lambda: tok.decode(f_hat), repeats)
     n_params = sum(p.numel() for p in tok.parameters())
     return dict(preset=preset, size=s, batch=batch, params=n_params, enc=batch / t_enc, quant=batch / t_q, dec=batch / t_dec, ratio=t_dec / t_enc)

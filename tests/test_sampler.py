@@ -319,7 +319,7 @@ def test_refined_sample_is_consistent_with_teacher_forcing(tok, gens, attn, k):
 
 def _redegraded(tok, tokens):
     """The coarse scales of a full sample's f_hat re-quantized by the tokenizer's own residual quantization."""
-    return tok.quantizer.f_to_tokens(tok.tokens_to_fhat(tokens), PNS)[: K - 1]
+    return tok.quantizer.quantize(tok.tokens_to_fhat(tokens), PNS).tokens[: K - 1]
 
 
 def test_mask_resampling_keeps_the_likely_tokens(tok, gens):

@@ -14,7 +14,7 @@ Everything runs in float32 (autocast is switched off inside), as VAR does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,11 +57,37 @@ class QuantizerOutput:
     """(B, K) bool: which scales each sample used (all True without scale dropout)."""
 
 
+@dataclass
+class Quantized:
+    """M(k)·f: a latent quantized onto the first k scales of a schedule (:meth:`MultiScaleResidualQuantizer.quantize`)."""
+
+    tokens: list[torch.Tensor]
+    """Per scale (B, pn, pn) long token maps r_0..r_{k−1}."""
+    f_hats: list[torch.Tensor]
+    """f_hat after each of those scales, (B, C, h, w) float32."""
+    rest: torch.Tensor
+    """The residual f − f_hat_{k−1} (f itself when k = 0)."""
+    residuals: list[torch.Tensor]
+    """What each scale quantized: area_down(f − f_hat_{j−1}, pn_j), (B, C, pn_j, pn_j)."""
+    patch_nums: tuple[int, ...]
+    """The schedule the scales belong to (the first k of it were quantized)."""
+
+    @property
+    def f_hat(self) -> torch.Tensor:
+        """The state after the last quantized scale (zeros when no scale was quantized)."""
+        return self.f_hats[-1] if self.f_hats else torch.zeros_like(self.rest)
+
+
 class MultiScaleResidualQuantizer(nn.Module):
     """One shared codebook ``nn.Embedding(V, C)`` quantizing a latent residually over ``patch_nums``.
 
     ``patch_nums`` is the trained schedule; methods taking ``patch_nums=`` accept any subset of it that
     ends at the last scale (phi is still chosen by each scale's index in the trained schedule).
+
+    The residual loop is written once (``_residual_steps``) and used by :meth:`quantize` (M(k)·f: tokenizer
+    encoding, the sampler's re-degradation, code restarts) and :meth:`forward` (training); adding scales to a
+    state is :meth:`next_state` (the sampler's step), looped by :meth:`tokens_to_fhat` and
+    :meth:`teacher_forcing_inputs`.
     """
 
     def __init__(
@@ -124,9 +150,13 @@ class MultiScaleResidualQuantizer(nn.Module):
     # ----- primitives --------------------------------------------------------------------------
 
     def embed(self, tokens_Bhw: torch.Tensor) -> torch.Tensor:
-        """Token map (B, pn, pn) -> code vectors (B, C, pn, pn)."""
+        """Token map (B, pn, pn) -> code vectors (B, C, pn, pn), contiguous."""
         self.check_token_ids([tokens_Bhw])
-        return self.codebook(tokens_Bhw.long()).permute(0, 3, 1, 2)
+        return self._embed(tokens_Bhw)
+
+    def _embed(self, tokens_Bhw: torch.Tensor) -> torch.Tensor:
+        # contiguous NCHW: a channels_last view changes the numerics of the convs that follow (VAR's layout is NCHW)
+        return self.codebook(tokens_Bhw.long()).permute(0, 3, 1, 2).contiguous()
 
     def check_token_ids(self, tokens: Sequence[torch.Tensor]) -> None:
         """Raise if a token map is not a 3-d integer tensor with ids in [0, V) (one device sync for all maps)."""
@@ -150,15 +180,9 @@ class MultiScaleResidualQuantizer(nn.Module):
         d_NV = torch.addmm(x_NC.square().sum(1, keepdim=True) + e_VC.square().sum(1), x_NC, e_VC.T, alpha=-2.0)
         return d_NV.argmin(dim=1)
 
-    def _quantize_scale(self, rest_BChw: torch.Tensor, pn: int) -> torch.Tensor:
-        """Token map (B, pn, pn) of the residual at scale pn (area-downsampled unless pn is the latent size)."""
-        B, C, h, w = rest_BChw.shape
-        z_BChw = rest_BChw if pn == h else F.interpolate(rest_BChw, size=(pn, pn), mode="area")
-        return self.nearest(z_BChw.permute(0, 2, 3, 1).reshape(-1, C)).view(B, pn, pn)
-
     def contribution(self, tokens_Bhw: torch.Tensor, trained_si: int, size: int) -> torch.Tensor:
         """h_k = phi_k(bicubic_up(codebook[r_k], size)): what scale k adds to f_hat, (B, C, size, size)."""
-        h_BChw = self.codebook(tokens_Bhw.long()).permute(0, 3, 1, 2).float()  # ids are checked by the public callers
+        h_BChw = self._embed(tokens_Bhw).float()  # ids are checked by the public callers
         if h_BChw.shape[-1] != size:
             h_BChw = F.interpolate(h_BChw, size=(size, size), mode="bicubic")
         return self.phi_for(trained_si)(h_BChw)
@@ -169,25 +193,53 @@ class MultiScaleResidualQuantizer(nn.Module):
         if f_BChw.shape[-1] != pns[-1]:
             raise ValueError(f"the last scale of patch_nums {list(pns)} must equal the latent size {f_BChw.shape[-1]}")
 
-    # ----- encoding ------------------------------------------------------------------------------
+    # ----- the residual loop (the only one) ------------------------------------------------------
+
+    def _residual_steps(
+        self, f_BChw: torch.Tensor, pns: Schedule, sis: Sequence[int], keep_BK: torch.Tensor | None = None,
+        force: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Residual quantization of ``f`` over ``pns``: yields (z_k, r_k, f_hat_k) per scale.
+
+        z_k = area_down(f − f_hat_{k−1}, pn_k) is what scale k quantizes, r_k = nearest_code(z_k) (then
+        ``force(k, r_k)``), f_hat_k = f_hat_{k−1} + h_k with h_k = phi_k(up(codebook[r_k])) (times ``keep_BK[:, k]``).
+        The residual subtracts sg[h_k]; f_hat_k carries the codebook's and phi's gradients when grad is enabled.
+        """
+        B, C, size = f_BChw.shape[0], f_BChw.shape[1], f_BChw.shape[-1]
+        rest = f_BChw.detach().float().clone()
+        f_hat = torch.zeros_like(rest)
+        for k, (pn, si) in enumerate(zip(pns, sis)):
+            z_BChw = rest if pn == size else F.interpolate(rest, size=(pn, pn), mode="area")
+            r_Bhw = self.nearest(z_BChw.permute(0, 2, 3, 1).reshape(-1, C)).view(B, pn, pn)
+            if force is not None:
+                r_Bhw = force(k, r_Bhw)
+            h_BChw = self.contribution(r_Bhw, si, size)
+            if keep_BK is not None:
+                h_BChw = h_BChw * keep_BK[:, k].to(h_BChw.dtype).view(B, 1, 1, 1)
+            f_hat = f_hat + h_BChw
+            rest = rest - h_BChw.detach()
+            yield z_BChw, r_Bhw, f_hat
 
     @torch.no_grad()
-    def f_to_tokens(self, f_BChw: torch.Tensor, patch_nums: Sequence[int] | None = None, return_fhats: bool = False):
-        """Residual quantization without gradients: list of (B, pn, pn) token maps (and the f_hat after each scale)."""
+    def quantize(
+        self, f_BChw: torch.Tensor, patch_nums: Sequence[int] | None = None, num_scales: int | None = None,
+        force: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> Quantized:
+        """Quantize f onto the first ``num_scales`` scales of ``patch_nums`` (default all): M(k)·f, no gradients.
+
+        ``force(k, r_Bhw) -> r_Bhw`` may replace the tokens chosen at scale k (editing keeps known tokens).
+        """
         pns, sis = self.resolve(patch_nums)
         self._check_latent(f_BChw, pns)
+        k = len(pns) if num_scales is None else int(num_scales)
+        if not 0 <= k <= len(pns):
+            raise ValueError(f"num_scales={num_scales} must lie in [0, {len(pns)}] for patch_nums {list(pns)}")
         with _no_autocast(f_BChw.device):
-            rest = f_BChw.detach().float().clone()
-            f_hat = torch.zeros_like(rest)
-            tokens, fhats = [], []
-            for pn, si in zip(pns, sis):
-                r_Bhw = self._quantize_scale(rest, pn)
-                h_BChw = self.contribution(r_Bhw, si, rest.shape[-1])
-                f_hat = f_hat + h_BChw
-                rest = rest - h_BChw
-                tokens.append(r_Bhw)
-                fhats.append(f_hat)
-        return (tokens, fhats) if return_fhats else tokens
+            steps = list(self._residual_steps(f_BChw, pns[:k], sis[:k], force=force))
+            f = f_BChw.detach().float()
+            f_hats = [fh for _, _, fh in steps]
+            rest = f - f_hats[-1] if f_hats else f.clone()
+        return Quantized([r for _, r, _ in steps], f_hats, rest, [z for z, _, _ in steps], pns)
 
     def forward(self, f_BChw: torch.Tensor, keep_BK: torch.Tensor | None = None) -> QuantizerOutput:
         """Training forward over the trained schedule: straight-through f_hat, VQ loss, tokens.
@@ -199,7 +251,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         """
         pns, K = self.patch_nums, len(self.patch_nums)
         self._check_latent(f_BChw, pns)
-        B, size = f_BChw.shape[0], f_BChw.shape[-1]
+        B = f_BChw.shape[0]
         if keep_BK is not None and (tuple(keep_BK.shape) != (B, K) or keep_BK.dtype != torch.bool):
             raise ValueError(f"keep_BK must be a ({B}, {K}) bool mask, got {tuple(keep_BK.shape)} {keep_BK.dtype}")
         with _no_autocast(f_BChw.device):
@@ -207,18 +259,12 @@ class MultiScaleResidualQuantizer(nn.Module):
             f_ng = f.detach()
             keep_BK = self.draw_scale_keep(B, f.device) if keep_BK is None else keep_BK.to(f.device)
             keep_BK_f = keep_BK.float()
-            rest = f_ng.clone()
-            f_hat = torch.zeros_like(f_ng)
-            tokens, loss_sum = [], f.new_zeros(())
-            for si, pn in enumerate(pns):
-                r_Bhw = self._quantize_scale(rest, pn)
-                h_BChw = self.contribution(r_Bhw, si, size) * keep_BK_f[:, si].view(B, 1, 1, 1)
-                f_hat = f_hat + h_BChw
-                rest = rest - h_BChw.detach()
-                tokens.append(torch.where(keep_BK[:, si].view(B, 1, 1), r_Bhw, torch.full_like(r_Bhw, -1)))
+            tokens, loss_sum, f_hat = [], f.new_zeros(()), torch.zeros_like(f_ng)
+            for k, (_, r_Bhw, f_hat) in enumerate(self._residual_steps(f, pns, range(K), keep_BK=keep_BK)):
+                tokens.append(torch.where(keep_BK[:, k].view(B, 1, 1), r_Bhw, torch.full_like(r_Bhw, -1)))
                 # VQ loss on the cumulative f_hat: beta·‖sg[f_hat] − f‖² (commitment) + ‖f_hat − sg[f]‖² (codebook, phi).
                 per_B = self.beta * (f_hat.detach() - f).square().mean((1, 2, 3)) + (f_hat - f_ng).square().mean((1, 2, 3))
-                loss_sum = loss_sum + (per_B * keep_BK_f[:, si]).sum()
+                loss_sum = loss_sum + (per_B * keep_BK_f[:, k]).sum()
             # Without dropout: sum over B·K of per-sample means / (B·K) = VAR's mean over scales of batch MSEs.
             vq_loss = loss_sum / keep_BK_f.sum()
             f_st = f_hat.detach() - f_ng + f  # straight-through: forward value f_hat, gradient to f
@@ -239,39 +285,18 @@ class MultiScaleResidualQuantizer(nn.Module):
         n_keep_B = torch.where(drop_B, cut_B, torch.full((batch,), K, device=dev))
         return (torch.arange(K, device=dev)[None, :] < n_keep_B[:, None]).to(device)
 
-    # ----- decoding / teacher forcing / sampler step ----------------------------------------------
+    # ----- adding scales to a state: decoding, teacher forcing, the sampler's step -------------------
 
-    def tokens_to_fhat(self, tokens: Sequence[torch.Tensor], patch_nums: Sequence[int] | None = None, cumulative: bool = False):
-        """Sum of the scales' contributions: final f_hat (B, C, h, w), or the list after each scale."""
-        pns, sis = self.resolve(patch_nums)
-        self._check_tokens(tokens, pns)
-        self.check_token_ids(tokens)
-        f_hat, out = None, []
-        with _no_autocast(tokens[0].device):
-            for r_Bhw, si in zip(tokens, sis):
-                h_BChw = self.contribution(r_Bhw, si, pns[-1])
-                f_hat = h_BChw if f_hat is None else f_hat + h_BChw
-                out.append(f_hat)
-        return out if cumulative else f_hat
-
-    def teacher_forcing_inputs(self, tokens: Sequence[torch.Tensor], patch_nums: Sequence[int] | None = None) -> torch.Tensor:
-        """Generator inputs x_BLC, (B, L − pn_0², C): for each scale k ≥ 1, area_down(f_hat after scales < k, pn_k), row-major."""
-        pns, sis = self.resolve(patch_nums)
-        self._check_tokens(tokens, pns)
-        self.check_token_ids(tokens)
-        B, size = tokens[0].shape[0], pns[-1]
-        f_hat = torch.zeros(B, self.dim, size, size, device=tokens[0].device)
-        xs = []
-        with _no_autocast(tokens[0].device):
-            for k in range(len(pns) - 1):  # same update as next_state, without re-validating per scale
-                f_hat = f_hat + self.contribution(tokens[k], sis[k], size)
-                xs.append(F.interpolate(f_hat, size=(pns[k + 1], pns[k + 1]), mode="area").flatten(2).transpose(1, 2))
-        if not xs:
-            return f_hat.new_zeros(B, 0, self.dim)
-        return torch.cat(xs, dim=1)
+    def next_input(self, f_hat_BChw: torch.Tensor, si: int, patch_nums: Sequence[int] | None = None) -> torch.Tensor | None:
+        """The generator's input for scale si + 1: area_down(f_hat after scale si, pn_{si+1}); None after the last scale."""
+        pns = self.resolve(patch_nums)[0]
+        if si == len(pns) - 1:
+            return None
+        nxt = pns[si + 1]
+        return F.interpolate(f_hat_BChw, size=(nxt, nxt), mode="area")
 
     def next_state(self, si: int, f_hat_BChw: torch.Tensor, tokens_Bhw: torch.Tensor, patch_nums: Sequence[int] | None = None):
-        """Add scale ``si``'s contribution: (f_hat + h_si, area_down(new f_hat, pn_{si+1}) or None at the last scale).
+        """Add scale ``si``'s tokens to a state: (f_hat + h_si, :meth:`next_input` of the new f_hat).
 
         ``si`` indexes ``patch_nums`` (a subset schedule if given). The input ``f_hat_BChw`` is not modified.
         """
@@ -285,10 +310,36 @@ class MultiScaleResidualQuantizer(nn.Module):
         self.check_token_ids([tokens_Bhw])
         with _no_autocast(f_hat_BChw.device):
             f_hat = f_hat_BChw.float() + self.contribution(tokens_Bhw, sis[si], pns[-1])
-            if si == len(pns) - 1:
-                return f_hat, None
-            nxt = pns[si + 1]
-            return f_hat, F.interpolate(f_hat, size=(nxt, nxt), mode="area")
+            return f_hat, self.next_input(f_hat, si, pns)
+
+    def _states(self, tokens: Sequence[torch.Tensor], pns: Schedule, sis: Sequence[int], num: int) -> Iterator[torch.Tensor]:
+        """f_hat after each of the first ``num`` scales of validated ``tokens`` (the same update as :meth:`next_state`)."""
+        size = pns[-1]
+        f_hat = torch.zeros(tokens[0].shape[0], self.dim, size, size, device=tokens[0].device)
+        for r_Bhw, si in zip(tokens[:num], sis):
+            f_hat = f_hat + self.contribution(r_Bhw, si, size)
+            yield f_hat
+
+    def tokens_to_fhat(self, tokens: Sequence[torch.Tensor], patch_nums: Sequence[int] | None = None, cumulative: bool = False):
+        """Sum of the scales' contributions: final f_hat (B, C, h, w), contiguous, or the list after each scale."""
+        pns, sis = self.resolve(patch_nums)
+        self._check_tokens(tokens, pns)
+        self.check_token_ids(tokens)
+        with _no_autocast(tokens[0].device):
+            out = list(self._states(tokens, pns, sis, len(pns)))
+        return out if cumulative else out[-1]
+
+    def teacher_forcing_inputs(self, tokens: Sequence[torch.Tensor], patch_nums: Sequence[int] | None = None) -> torch.Tensor:
+        """Generator inputs x_BLC, (B, L − pn_0², C): for each scale k ≥ 1, area_down(f_hat after scales < k, pn_k), row-major."""
+        pns, sis = self.resolve(patch_nums)
+        self._check_tokens(tokens, pns)
+        self.check_token_ids(tokens)
+        with _no_autocast(tokens[0].device):
+            xs = [self.next_input(f_hat, k, pns).flatten(2).transpose(1, 2)
+                  for k, f_hat in enumerate(self._states(tokens, pns, sis, len(pns) - 1))]  # fmt: skip
+        if not xs:
+            return torch.zeros(tokens[0].shape[0], 0, self.dim, device=tokens[0].device)
+        return torch.cat(xs, dim=1)
 
     def _check_tokens(self, tokens: Sequence[torch.Tensor], pns: Schedule) -> None:
         if len(tokens) != len(pns):

@@ -201,14 +201,14 @@ class MultiScaleTokenizer(nn.Module):
     @torch.no_grad()
     def img_to_tokens(self, img_B3HW: torch.Tensor, patch_nums: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Image -> list of (B, pn, pn) long token maps over ``patch_nums`` (default: the trained schedule)."""
-        return self.quantizer.f_to_tokens(self.encode(img_B3HW), patch_nums)
+        return self.quantizer.quantize(self.encode(img_B3HW), patch_nums).tokens
 
     def embed(self, tokens_Bhw: torch.Tensor) -> torch.Tensor:
         """Token map (B, pn, pn) -> code vectors (B, C, pn, pn)."""
         return self.quantizer.embed(tokens_Bhw)
 
     def tokens_to_fhat(self, tokens: Sequence[torch.Tensor], patch_nums: Sequence[int] | None = None, cumulative: bool = False):
-        """f_hat = sum_k phi_k(up(codebook[r_k])): the final (B, C, h, w), or the list after each scale."""
+        """f_hat = sum_k phi_k(up(codebook[r_k])): the final (B, C, h, w) (contiguous), or the list after each scale."""
         return self.quantizer.tokens_to_fhat(tokens, patch_nums, cumulative)
 
     def tokens_to_img(self, tokens: Sequence[torch.Tensor], patch_nums: Sequence[int] | None = None) -> torch.Tensor:

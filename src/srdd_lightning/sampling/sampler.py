@@ -423,23 +423,10 @@ class _Run:
     def redegrade(self, f_hat_BChw: torch.Tensor, k: int) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
         """M(k−1) applied to the sample: residual re-quantization of ``f_hat`` onto scales 0..k−1 (forced
         tokens stay forced). Returns the coarse tokens, the state f'_{k−1} and the inputs of scales 1..k."""
-        q, sched = self.tok.quantizer, self.sched
-        _, trained_idx = q.resolve(sched)
-        size, B = f_hat_BChw.shape[-1], f_hat_BChw.shape[0]
-        coarse, inputs = [], []
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            rest = f_hat_BChw.float()
-            f = torch.zeros_like(rest)
-            for j in range(k):
-                pn = sched[j]
-                z_BChw = rest if pn == size else F.interpolate(rest, size=(pn, pn), mode="area")
-                r_Bhw = self.force(j, q.nearest(z_BChw.permute(0, 2, 3, 1).reshape(-1, z_BChw.shape[1])).view(B, pn, pn))
-                h_BChw = q.contribution(r_Bhw, trained_idx[j], size)
-                f, rest = f + h_BChw, rest - h_BChw
-                coarse.append(r_Bhw)
-                nxt = sched[j + 1]
-                inputs.append(F.interpolate(f, size=(nxt, nxt), mode="area"))
-        return coarse, f, inputs
+        q = self.tok.quantizer
+        coarse = q.quantize(f_hat_BChw, self.sched, num_scales=k, force=self.force)
+        inputs = [q.next_input(f, j, self.sched) for j, f in enumerate(coarse.f_hats)]
+        return coarse.tokens, coarse.f_hat, inputs
 
     def replay_cache(self, k: int, inputs: list[torch.Tensor]) -> None:
         """Recompute the K/V of the coarser scales from the re-degraded states (causal: 1..k−1, scale 0's

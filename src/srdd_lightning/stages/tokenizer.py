@@ -423,13 +423,11 @@ class TokenizerModule(pl.LightningModule):
         """Residuals the quantizer saw at each scale (area_down(f − f_hat_{<k}, pn_k)), ≤ ⌈V/K⌉ per scale and rank,
         gathered over ranks so that every rank restarts the same codes to the same vectors."""
         q = self.tokenizer.quantizer
-        _, fhats = q.f_to_tokens(f_BChw, return_fhats=True)
         cap = math.ceil(q.vocab_size / len(q.patch_nums))
         gen = torch.Generator().manual_seed(self._seed + iteration)
         per_scale = []
-        for k, pn in enumerate(q.patch_nums):
-            rest = f_BChw.float() - (fhats[k - 1] if k else 0)
-            z_NC = F.interpolate(rest, size=(pn, pn), mode="area").permute(0, 2, 3, 1).reshape(-1, q.dim)
+        for z_BChw in q.quantize(f_BChw).residuals:
+            z_NC = z_BChw.permute(0, 2, 3, 1).reshape(-1, q.dim)
             pick = torch.randperm(z_NC.shape[0], generator=gen)[:cap]
             per_scale.append(z_NC[pick.to(z_NC.device)])
         return self.all_gather(torch.cat(per_scale)).reshape(-1, q.dim)
