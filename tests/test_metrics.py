@@ -25,9 +25,7 @@ from srdd_lightning.metrics import (
     build_feature_extractor,
     class_consistency_accuracy,
     frechet_distance,
-    inception_score,
     load_classifier,
-    precision_recall,
     reference_cache_path,
     reference_stats,
     resolve_inception_weights,
@@ -132,6 +130,24 @@ def test_fid_self_is_zero_and_grows_with_perturbation(digits16, quick_classifier
         fids.append(real.frechet_distance(FeatureStats.from_features(extractor(noisy))))
     assert all(b > a for a, b in zip(fids, fids[1:])), fids
     assert fids[0] > 1e-3
+
+
+@pytest.mark.parametrize("d", [4, 32, 128])
+def test_frechet_distance_agrees_with_torch_fidelity_on_random_statistics(d):
+    """Ours (streamed across ranks, warns on near-singular input) and torch-fidelity's eigenvalue formula agree."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        mu1, mu2 = rng.normal(size=d), rng.normal(size=d) * 0.1
+        s1 = np.cov(rng.normal(size=(3 * d, d)) @ rng.normal(size=(d, d)), rowvar=False)
+        s2 = np.cov(rng.normal(size=(2 * d, d)), rowvar=False)
+        for a, b in (((mu1, s1), (mu2, s2)), ((mu1, s1), (mu1 + 1e-3, s1 * 1.01))):  # far apart, nearly equal
+            ours = frechet_distance(a[0], a[1], b[0], b[1])
+            theirs = fid_statistics_to_metric({"mu": a[0], "sigma": a[1]}, {"mu": b[0], "sigma": b[1]}, verbose=False)
+            # Relative to the traces: FID is their difference, so its own round-off scales with them.
+            scale = np.trace(a[1]) + np.trace(b[1])
+            assert ours == pytest.approx(theirs["frechet_inception_distance"], rel=0, abs=1e-13 * scale), (seed, d)
 
 
 def test_feature_stats_merge_of_halves_equals_whole():
@@ -409,45 +425,7 @@ def test_default_digits_classifier_reaches_95_percent(digits16):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_inception_score_bounds_and_torch_fidelity_agreement():
-    from torch_fidelity.metric_isc import isc_features_to_metric
-
-    assert inception_score(torch.zeros(100, 10), splits=5).mean == pytest.approx(1.0, abs=1e-12)
-    confident = 30.0 * F.one_hot(torch.arange(200) % 10, 10).float()
-    is_mean, is_std = inception_score(confident, splits=4)
-    assert is_mean == pytest.approx(10.0, rel=1e-6) and is_std < 1e-6
-    # one class only: confident but not diverse -> 1
-    one_class = 30.0 * F.one_hot(torch.zeros(50, dtype=torch.long), 10).float()
-    assert inception_score(one_class, splits=2).mean == pytest.approx(1.0, abs=1e-6)
-
-    logits = torch.randn(503, 20, generator=torch.Generator().manual_seed(0)) * 3
-    ours = inception_score(logits, splits=7, shuffle_seed=2020)
-    ref = isc_features_to_metric(logits, splits=7, shuffle=True, rng_seed=2020)
-    assert ours.mean == pytest.approx(ref["inception_score_mean"], rel=1e-10)
-    assert ours.std == pytest.approx(ref["inception_score_std"], rel=1e-8)
-    with pytest.raises(ValueError, match="splits"):
-        inception_score(torch.zeros(3, 10), splits=10)
-
-
-def test_precision_recall_self_disjoint_and_torch_fidelity_agreement():
-    from torch_fidelity.metric_prc import calculate_precision_recall_full
-
-    x = torch.tensor(gaussian_features(300, 8, seed=11))
-    assert precision_recall(x, x, k=3, batch_size=64) == (1.0, 1.0)
-    far = x + 100.0
-    assert precision_recall(x, far, k=3) == (0.0, 0.0)
-
-    # Fake set covering only half of the real one: high precision, recall about a half.
-    real, fake = x, x[x[:, 0] > 0] + 0.01
-    p, r = precision_recall(real, fake, k=3, batch_size=50)
-    assert p > 0.9 and 0.3 < r < 0.85
-    p_ref, r_ref = calculate_precision_recall_full(fake, real, neighborhood=3, batch_size=10000)
-    assert (p, r) == (pytest.approx(p_ref, abs=1e-6), pytest.approx(r_ref, abs=1e-6))  # theirs is a float32 mean
-
-    with pytest.raises(ValueError, match="dims differ"):
-        precision_recall(x, x[:, :4])
-    with pytest.raises(ValueError, match="k < N"):
-        precision_recall(x[:3], x, k=3)
+# IS, KID and precision/recall (torch-fidelity's) are tested in test_metrics_scores.py.
 
 
 def test_class_consistency_accuracy(digits16, quick_classifier):

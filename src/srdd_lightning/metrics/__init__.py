@@ -1,4 +1,4 @@
-"""Evaluation building blocks: feature extractors, FID / IS / precision-recall, the digits classifier."""
+"""Evaluation building blocks: feature extractors, FID (ours), IS / KID / precision-recall (torch-fidelity), the digits classifier."""
 
 from .classifier import (
     DigitsClassifier,
@@ -28,7 +28,15 @@ from .reference import (
     reference_stats,
     save_reference_stats,
 )
-from .scores import InceptionScore, PrecisionRecall, class_consistency_accuracy, inception_score, precision_recall
+from .scores import (
+    InceptionScore,
+    KernelInceptionDistance,
+    PrecisionRecall,
+    class_consistency_accuracy,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+)
 
 __all__ = [
     "FEATURE_EXTRACTORS",
@@ -41,6 +49,7 @@ __all__ = [
     "FeatureStats",
     "InceptionScore",
     "InceptionV3Extractor",
+    "KernelInceptionDistance",
     "PrecisionRecall",
     "ReferenceStats",
     "build_feature_extractor",
@@ -49,6 +58,7 @@ __all__ = [
     "compute_reference_stats",
     "frechet_distance",
     "inception_score",
+    "kernel_inception_distance",
     "load_classifier",
     "load_reference_stats",
     "precision_recall",

@@ -1,4 +1,9 @@
-"""Inception Score, k-NN precision/recall and class-consistency accuracy, from features or logits."""
+"""Inception Score, KID and k-NN precision/recall by torch-fidelity, over our extractors' features; class accuracy.
+
+torch-fidelity computes these metrics from features it extracts itself; here it gets *our* features and logits
+(the digits classifier or Inception), in float64, with its protocol's defaults: IS over 10 splits shuffled with
+seed 2020, KID with the cubic polynomial kernel over 100 subsets of 1000, precision/recall with k = 3.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,24 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+
+TORCH_FIDELITY_SEED = 2020  # torch-fidelity's rng_seed: IS shuffle and KID subsets
 
 
 class InceptionScore(NamedTuple):
     mean: float
     std: float
+    splits: int
+
+
+class KernelInceptionDistance(NamedTuple):
+    mean: float
+    std: float
+    subset_size: int
+    subsets: int
 
 
 class PrecisionRecall(NamedTuple):
@@ -18,49 +36,61 @@ class PrecisionRecall(NamedTuple):
     recall: float
 
 
-def _as_2d(x: np.ndarray | torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+def _as_2d(x: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
+    """float64 (N, D) on the CPU; torch-fidelity only asserts shapes (gone under python -O) and checks no values."""
     x = torch.as_tensor(x).detach()
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or Inf")
-    return x.to(dtype)
+    return x.to(device="cpu", dtype=torch.float64)
+
+
+def _same_dim(real_ND: torch.Tensor, fake_MD: torch.Tensor) -> None:
+    if real_ND.shape[1] != fake_MD.shape[1]:
+        raise ValueError(f"feature dims differ: real {real_ND.shape[1]} vs fake {fake_MD.shape[1]}")
 
 
 def inception_score(
-    logits_NK: np.ndarray | torch.Tensor, splits: int = 10, shuffle_seed: int | None = None
+    logits_NK: np.ndarray | torch.Tensor, splits: int = 10, shuffle_seed: int | None = TORCH_FIDELITY_SEED
 ) -> InceptionScore:
-    """IS = exp(E_x KL(p(y|x) || p(y))), p(y) the split's mean prediction; mean and std over `splits`.
+    """IS = exp(E_x KL(p(y|x) || p(y))) per split, mean and std over `splits` (torch-fidelity, float64).
 
-    Computed in float64 from logits (Inception: 'logits_unbiased'); splits are contiguous
-    chunks, shuffled first when `shuffle_seed` is given (torch-fidelity shuffles with seed 2020).
+    Shuffled with `shuffle_seed` before splitting (None: contiguous splits); samples sorted by class would
+    otherwise put one class in each split and give an IS near 1.
     """
-    logits_NK = _as_2d(logits_NK, "logits", torch.float64).cpu()
+    logits_NK = _as_2d(logits_NK, "logits")
     n = logits_NK.shape[0]
     if splits < 1 or n < splits:
         raise ValueError(f"inception_score needs 1 <= splits <= N, got splits={splits}, N={n}")
-    if shuffle_seed is not None:
-        logits_NK = logits_NK[torch.as_tensor(np.random.RandomState(shuffle_seed).permutation(n))]
-    log_p_NK = logits_NK.log_softmax(dim=1)
-    scores = []
-    for i in range(splits):
-        log_p = log_p_NK[i * n // splits : (i + 1) * n // splits]
-        log_py_K = torch.logsumexp(log_p, dim=0) - np.log(log_p.shape[0])  # log mean_x p(y|x)
-        kl_N = (log_p.exp() * (log_p - log_py_K)).sum(dim=1)
-        scores.append(float(kl_N.mean().exp()))
-    return InceptionScore(float(np.mean(scores)), float(np.std(scores)))
+    out = isc_features_to_metric(logits_NK, splits=splits, shuffle=shuffle_seed is not None,
+                                 rng_seed=shuffle_seed or 0)  # fmt: skip
+    return InceptionScore(out["inception_score_mean"], out["inception_score_std"], splits)
 
 
-def _kth_nn_radii(x_ND: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
-    """Distance from each sample to its k-th nearest other sample (the self-distance 0 is the 1st)."""
-    return torch.cat([torch.cdist(xb, x_ND).kthvalue(k + 1, dim=1).values for xb in x_ND.split(batch_size)])
+def kernel_inception_distance(
+    real_features_ND: np.ndarray | torch.Tensor,
+    fake_features_MD: np.ndarray | torch.Tensor,
+    subset_size: int = 1000,
+    subsets: int = 100,
+    seed: int = TORCH_FIDELITY_SEED,
+) -> KernelInceptionDistance:
+    """Unbiased MMD^2, kernel (x.y / D + 1)^3, mean and std over `subsets` random subsets (torch-fidelity, float64).
 
-
-def _inside_any_ball(
-    query_MD: torch.Tensor, centres_ND: torch.Tensor, radii_N: torch.Tensor, batch_size: int
-) -> torch.Tensor:
-    """For each query: is ||q - c_j|| <= r_j for some centre j?"""
-    return torch.cat([(torch.cdist(qb, centres_ND) <= radii_N).any(dim=1) for qb in query_MD.split(batch_size)])
+    The subset size is min(`subset_size`, N_real, N_fake): 1000 (torch-fidelity's and the KID paper's) when both
+    sets allow it, else the smaller set, so that a few hundred samples still get a KID. The estimate is unbiased
+    at any subset size; only its spread grows as the subsets shrink.
+    """
+    real_ND, fake_MD = _as_2d(real_features_ND, "real features"), _as_2d(fake_features_MD, "fake features")
+    _same_dim(real_ND, fake_MD)
+    size = min(subset_size, real_ND.shape[0], fake_MD.shape[0])
+    if size < 2 or subsets < 1:
+        raise ValueError(f"KID needs subsets >= 1 and at least 2 samples in each set, got subsets={subsets}, "
+                         f"N_real={real_ND.shape[0]}, N_fake={fake_MD.shape[0]}")  # fmt: skip
+    out = kid_features_to_metric(fake_MD, real_ND, kid_subsets=subsets, kid_subset_size=size, rng_seed=seed,
+                                 verbose=False)  # fmt: skip
+    return KernelInceptionDistance(out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"],
+                                   size, subsets)  # fmt: skip
 
 
 def precision_recall(
@@ -69,26 +99,20 @@ def precision_recall(
     k: int = 3,
     batch_size: int = 1024,
 ) -> PrecisionRecall:
-    """Improved precision/recall (Kynkäänniemi et al. 2019) with k-NN hypersphere manifolds.
+    """Improved precision/recall (Kynkäänniemi et al. 2019) with k-NN hypersphere manifolds (torch-fidelity, float64).
 
-    precision = share of fake samples inside the real manifold (some real x: ||f - x|| <= r_k(x));
-    recall = share of real samples inside the fake manifold. Distances in float64, `batch_size`
-    rows at a time, so memory is O(batch_size * N) rather than O(N * M).
+    precision = share of fakes inside the real manifold, recall = share of reals inside the fake manifold.
+    Distances `batch_size` rows at a time (torch-fidelity's save_cpu_ram path): memory O(batch_size * N).
     """
-    real_ND = _as_2d(real_features_ND, "real features", torch.float64)
-    fake_MD = _as_2d(fake_features_MD, "fake features", torch.float64).to(real_ND.device)
-    if real_ND.shape[1] != fake_MD.shape[1]:
-        raise ValueError(f"feature dims differ: real {real_ND.shape[1]} vs fake {fake_MD.shape[1]}")
-    if k < 1 or min(real_ND.shape[0], fake_MD.shape[0]) <= k:
-        raise ValueError(
-            f"k-NN manifolds need 1 <= k < N for both sets, got k={k}, "
-            f"N_real={real_ND.shape[0]}, N_fake={fake_MD.shape[0]}"
-        )
-    real_radii_N = _kth_nn_radii(real_ND, k, batch_size)
-    fake_radii_M = _kth_nn_radii(fake_MD, k, batch_size)
-    precision = _inside_any_ball(fake_MD, real_ND, real_radii_N, batch_size).double().mean()
-    recall = _inside_any_ball(real_ND, fake_MD, fake_radii_M, batch_size).double().mean()
-    return PrecisionRecall(float(precision), float(recall))
+    real_ND, fake_MD = _as_2d(real_features_ND, "real features"), _as_2d(fake_features_MD, "fake features")
+    _same_dim(real_ND, fake_MD)
+    n, m = real_ND.shape[0], fake_MD.shape[0]
+    if k < 1 or min(n, m) <= k:
+        raise ValueError(f"k-NN manifolds need 1 <= k < N for both sets, got k={k}, N_real={n}, N_fake={m}")
+    out = prc_features_to_metric(fake_MD, real_ND, prc_neighborhood=k, prc_batch_size=batch_size, save_cpu_ram=True,
+                                 verbose=False)  # fmt: skip
+    # torch-fidelity averages the 0/1 hits in float32; both are shares of a count, recovered exactly here.
+    return PrecisionRecall(round(out["precision"] * m) / m, round(out["recall"] * n) / n)
 
 
 def class_consistency_accuracy(
