@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from srdd_lightning.models.discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
-from srdd_lightning.models.lpips import LPIPS
+from srdd_lightning.models.perceptual import build_lpips
 from srdd_lightning.models.quantizer import MultiScaleResidualQuantizer, codebook_usage
 from srdd_lightning.models.scales import num_tokens
 from srdd_lightning.models.tokenizer import (
@@ -513,27 +514,52 @@ def test_patch_discriminator_and_hinge():
     assert lam.item() == pytest.approx(2.0, rel=1e-3)
 
 
-def test_lpips_with_stand_in_weights(lpips_files):
-    lp = LPIPS(*lpips_files)
+def reference_lpips(vgg_path, x_B3HW, y_B3HW) -> torch.Tensor:
+    """LPIPS-VGG written out from Zhang et al. (2018), independently of torchmetrics' code: ImageNet scaling of
+    inputs in [-1, 1], VGG16 relu1_2..relu5_3, unit-normalised channels, the v0.1 linear heads (the file torchmetrics
+    ships), spatial mean, sum over layers."""
+    import inspect
+
+    import torchmetrics.functional.image.lpips as tm_lpips
+    import torchvision
+
+    heads = torch.load(Path(inspect.getfile(tm_lpips)).parent / "lpips_models" / "vgg.pth", map_location="cpu")
+    vgg = torchvision.models.vgg16(weights=None).features[:30]
+    vgg.load_state_dict({k.removeprefix("features."): v for k, v in torch.load(vgg_path).items()
+                         if k.startswith("features.") and int(k.split(".")[1]) < 30})  # fmt: skip
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    hx, hy, d = (x_B3HW - shift) / scale, (y_B3HW - shift) / scale, 0
+    for i, (a, b) in enumerate(zip((0, 4, 9, 16, 23), (4, 9, 16, 23, 30))):
+        hx, hy = vgg[a:b](hx), vgg[a:b](hy)
+        nx, ny = hx / (hx.norm(dim=1, keepdim=True) + 1e-10), hy / (hy.norm(dim=1, keepdim=True) + 1e-10)
+        d = d + (heads[f"lin{i}.model.1.weight"] * (nx - ny).square()).sum(1).mean((1, 2))
+    return d
+
+
+def test_lpips_is_torchmetrics_network_with_the_backbone_from_the_file(lpips_files):
+    vgg, _ = lpips_files
+    lp = build_lpips(vgg)
     x, y = _imgs(seed=0), _imgs(seed=1)
     assert lp(x, x).abs().max() < 1e-6
-    d = lp(x, y)
-    assert d.shape == (2,) and (d > 0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(lp(x, y).flatten(), reference_lpips(vgg, x, y), rtol=1e-4, atol=1e-6)
     y.requires_grad_(True)
     lp(x, y).sum().backward()
     assert y.grad.abs().sum() > 0 and all(p.grad is None for p in lp.parameters())
 
 
-def test_lpips_missing_files(lpips_files, tmp_path, monkeypatch):
+def test_lpips_missing_or_wrong_file(lpips_files, tmp_path, monkeypatch):
     monkeypatch.delenv("SRDD_LPIPS_VGG_PATH", raising=False)
-    monkeypatch.delenv("SRDD_LPIPS_HEADS_PATH", raising=False)
-    vgg, heads = lpips_files
-    with pytest.raises(FileNotFoundError, match="model.init_args.lpips_vgg_path"):
-        LPIPS(None, heads)
-    with pytest.raises(FileNotFoundError, match=r"absent\.pth.*lpips_heads_path"):
-        LPIPS(vgg, tmp_path / "absent.pth")
-    monkeypatch.setenv("SRDD_LPIPS_HEADS_PATH", str(heads))
-    assert isinstance(LPIPS(vgg), LPIPS)
+    with pytest.raises(FileNotFoundError, match=r"vgg16-397923af\.pth.*model\.init_args\.loss\.lpips_vgg_path"):
+        build_lpips(None)
+    with pytest.raises(FileNotFoundError, match=r"absent\.pth.*lpips_vgg_path"):
+        build_lpips(tmp_path / "absent.pth")
+    torch.save({"lin0.model.1.weight": torch.zeros(1)}, tmp_path / "heads.pth")
+    with pytest.raises(ValueError, match="not a torchvision VGG16 state dict"):
+        build_lpips(tmp_path / "heads.pth")
+    monkeypatch.setenv("SRDD_LPIPS_VGG_PATH", str(lpips_files[0]))
+    assert build_lpips() is not None
 
 
 def test_tokens_to_fhat_is_contiguous_and_decodes_like_var():

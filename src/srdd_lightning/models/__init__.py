@@ -1,12 +1,10 @@
 """Plain ``nn.Module`` building blocks, usable without Lightning."""
 
-from .ema import EMA
 from .tokenizer import TOKENIZER_PRESETS, MultiScaleTokenizer, TokenizerConfig, build_tokenizer, tokenizer_config
 from .transformer import PRESETS as GENERATOR_PRESETS
 from .transformer import GeneratorConfig, VARTransformer, build_generator, generator_config
 
 __all__ = [
-    "EMA",
     "GENERATOR_PRESETS",
     "TOKENIZER_PRESETS",
     "GeneratorConfig",

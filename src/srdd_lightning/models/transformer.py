@@ -136,16 +136,20 @@ class GeneratorConfig:
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop a whole residual branch per sample, x / (1-p) when kept."""
+    """Stochastic depth: drop a whole residual branch per sample, x / (1-p) when kept (so E[output] = x)."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        if generator is None:
+            keep = x.new_empty(shape).bernoulli_(1 - self.p)
+        else:  # a CPU generator (the stage's): draw on the CPU, so the masks do not depend on the device
+            keep = (torch.rand(shape, generator=generator) >= self.p).to(device=x.device, dtype=x.dtype)
         return x * keep.div_(1 - self.p)
 
     def extra_repr(self) -> str:
@@ -207,12 +211,13 @@ class AdaLNBlock(nn.Module):
         self.mlp = MLP(width, round(width * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, attend: Attend,
+                generator: torch.Generator | None = None) -> torch.Tensor:
         # [γ1, γ2, scale1, scale2, shift1, shift2] = Linear(SiLU(cond))    (VAR's row order)
         g1, g2, s1, s2, b1, b2 = self.ada(F.silu(cond_BD)).view(-1, 1, 6, self.width).unbind(2)
         # x <- x + drop_path(attn(LN(x)·(1+scale1) + shift1)·γ1);  same for the MLP with index 2
-        x_BLC = x_BLC + self.drop_path(self.attn(self.norm(x_BLC) * (1 + s1) + b1, attend) * g1)
-        x_BLC = x_BLC + self.drop_path(self.mlp(self.norm(x_BLC) * (1 + s2) + b2) * g2)
+        x_BLC = x_BLC + self.drop_path(self.attn(self.norm(x_BLC) * (1 + s1) + b1, attend) * g1, generator)
+        x_BLC = x_BLC + self.drop_path(self.mlp(self.norm(x_BLC) * (1 + s2) + b2) * g2, generator)
         return x_BLC
 
 
@@ -256,9 +261,6 @@ class KVCache:
     def cached_scales(self) -> list[int]:
         return sorted(self._kv)
 
-    def clear(self) -> None:
-        self._kv.clear()
-
     def _begin(self, si: int) -> None:
         needed = [j for j in self.key_scales(si) if j != si]
         missing = [j for j in needed if j not in self._kv]
@@ -296,6 +298,11 @@ def _key_scales(attn: str, si: int) -> range:
     if attn == "markov_prev":
         return range(max(si - 1, 0), si + 1)
     return range(0, si + 1)
+
+
+def attention_pairs(schedule: Sequence[int], attn: str) -> int:
+    """Query-key pairs of one image's teacher-forced sequence under the mask (per head and block)."""
+    return sum(p * p * sum(schedule[j] ** 2 for j in _key_scales(attn, k)) for k, p in enumerate(schedule))
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,9 +372,15 @@ class VARTransformer(nn.Module):
     def drop_labels(
         self, label_B: torch.Tensor, p: float | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Replace each label by the null class with probability ``p`` (default ``config.cond_drop``)."""
+        """Replace each label by the null class with probability ``p`` (default ``config.cond_drop``).
+
+        ``generator`` is a CPU generator (the draws are made on the CPU, then moved), or None for the global RNG.
+        """
         p = self.config.cond_drop if p is None else p
-        drop_B = torch.rand(label_B.shape, generator=generator, device=label_B.device) < p
+        if generator is None:
+            drop_B = torch.rand(label_B.shape, device=label_B.device) < p
+        else:
+            drop_B = (torch.rand(label_B.shape, generator=generator) < p).to(label_B.device)
         return torch.where(drop_B, torch.full_like(label_B, self.null_class), label_B)
 
     def embed_condition(self, label_B: torch.Tensor, with_null: bool = False) -> torch.Tensor:
@@ -440,12 +453,14 @@ class VARTransformer(nn.Module):
     # ---- training: all scales in one pass -------------------------------------------------
 
     def forward(
-        self, label_B: torch.Tensor, x_BLC: torch.Tensor, schedule: Sequence[int] | None = None
+        self, label_B: torch.Tensor, x_BLC: torch.Tensor, schedule: Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Teacher-forced logits_BLV (float32) of every scale of ``schedule`` (default: the trained one).
 
         ``x_BLC`` (B, L - schedule[0]², Cvae) holds the inputs of scales 1..: the area-downsampled
         cumulative f_hat of the coarser scales. Labels are used as given (see :meth:`drop_labels`).
+        ``generator`` (CPU) draws the drop-path masks in training mode (None: the global RNG).
         """
         sched, trained_idx = self._schedule(schedule)
         B, first_l = label_B.shape[0], sched[0] ** 2
@@ -464,7 +479,7 @@ class VARTransformer(nn.Module):
             h_BLC = h_BLC + torch.cat([self._level_pos(t) for t in trained_idx], dim=1)
         attend = self._sequence_attention(sched, x_BLC.device)
         for blk in self.blocks:
-            h_BLC = blk(h_BLC, cond_BD, attend)
+            h_BLC = blk(h_BLC, cond_BD, attend, generator)
         return self.head(h_BLC, cond_BD).float()
 
     # ---- sampling: one scale at a time ----------------------------------------------------
@@ -526,6 +541,14 @@ class VARTransformer(nn.Module):
 
     # ---- optimisation ---------------------------------------------------------------------
 
+    def training_flops(self, batch: int, schedule: Sequence[int] | None = None) -> int:
+        """Approximate FLOPs of one training step (forward + backward = 3 × forward) on ``batch`` images:
+        2·(matmul weights)·tokens for the linear layers, 4·width·pairs per block for attention."""
+        sched = self.patch_nums if schedule is None else as_schedule(schedule)
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        per_image = 2 * matmul * num_tokens(sched) + 4 * self.config.width * attention_pairs(sched, self.config.attn) * len(self.blocks)
+        return 3 * batch * per_image
+
     def no_weight_decay_names(self) -> set[str]:
         """Parameters AdamW should not decay: biases, 1-D params, embeddings, temperatures."""
         embeddings = {"class_embed.weight", "level_embed.weight", "pos_start", "pos_embed"}
@@ -534,15 +557,6 @@ class VARTransformer(nn.Module):
             for name, p in self.named_parameters()
             if p.ndim < 2 or name in embeddings or name.endswith(("bias", "log_temp"))
         }
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Two AdamW groups: weight matrices decayed by ``weight_decay``, the rest not."""
-        no_decay = self.no_weight_decay_names()
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        return [
-            {"params": [p for n, p in named if n not in no_decay], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0},
-        ]
 
 
 def _plain_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -141,7 +141,7 @@ def load_var_transformer(
     config: str | GeneratorConfig = "var-d16",
     **overrides,
 ) -> VARTransformer:
-    """Build our model from VAR's weights (a path or a state dict).
+    """Build our model from VAR's weights (a path or a state dict), in eval mode like ``load_var_vae``.
 
     ``config`` is a preset name (then ``attn`` defaults to "causal", VAR's function; pass
     ``attn="markov"`` to start an SRDD fine-tune from VAR) or a full :class:`GeneratorConfig`.
@@ -160,4 +160,4 @@ def load_var_transformer(
         model = VARTransformer(cfg)
     state = convert_var_state_dict(var_sd, model)
     model.load_state_dict(state, strict=True, assign=True)
-    return model
+    return model.eval()
