@@ -382,6 +382,15 @@ def test_classifier_checkpoint_roundtrip_and_errors(tmp_path, quick_classifier):
     torch.save({"format": "something-else"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a digits classifier"):
         load_classifier(tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"text\.pt is not a readable digits classifier checkpoint"):
+        load_classifier(tmp_path / "text.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a readable"):
+        load_classifier(truncated)
+    ext = DigitsClassifierExtractor(checkpoint_path=path)
+    assert ext.meta == {"seed": 0}  # what evaluation checks against the data (dataset, ...)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,3 +511,21 @@ def test_reference_stats_reject_mismatches(tmp_path, digits16):
     path.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="delete it"):
         reference_stats("digits", 16, ext, fn, tmp_path)
+
+
+def test_reference_stats_keep_the_real_features_kid_and_precision_recall_need(tmp_path, digits16):
+    ext = untrained_extractor(0)
+    imgs = to_uint8(digits16[0])  # 1437 train digits: fewer than the 10k kept, so every one is stored
+    ref = reference_stats("digits", 16, ext, lambda: imgs.split(256), tmp_path)
+    assert ref.count == 1437 and ref.features_ND.shape == (1437, 32)
+    np.testing.assert_array_equal(ref.features_ND, ext(imgs).numpy())  # in order while the reservoir is not full
+    sub = reference_stats("digits", 16, ext, lambda: imgs.split(256), tmp_path / "sub", max_stored_features=500)
+    assert sub.features_ND.shape == (500, 32)  # a uniform subsample beyond the cap
+    assert len({row.tobytes() for row in sub.features_ND}) == 500
+
+    # A cache that lost its features (or kept too few) is refused, not used without KID / precision-recall.
+    save_reference_stats(ref.path, ReferenceStats(ref.mu_D, ref.sigma_DD, ref.count, ref.dataset, ref.extractor,
+                                                  ref.resolution, features_ND=ref.features_ND[:100]))  # fmt: skip
+    with pytest.raises(ValueError, match=r"100 stored real features \(expected 1437\).*delete the file"):
+        reference_stats("digits", 16, ext, lambda: imgs.split(256), tmp_path)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # atomic writes leave no temp file

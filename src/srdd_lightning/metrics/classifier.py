@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from srdd_lightning.utils.io import atomic_write
 
 CHECKPOINT_FORMAT = "srdd-digits-classifier-v1"
 
@@ -180,24 +181,14 @@ def train_digits_classifier(
 
 
 def save_classifier(path: str | os.PathLike, model: DigitsClassifier, meta: dict[str, Any] | None = None) -> Path:
-    """Write config, weights and `meta` (e.g. val accuracy, seed) atomically to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write config, weights and `meta` (e.g. val accuracy, seed, the data it was trained on) atomically to `path`."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "config": asdict(model.config),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": dict(meta or {}),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[DigitsClassifier, dict]:
@@ -209,7 +200,10 @@ def load_classifier(path: str | os.PathLike, map_location: str | torch.device = 
             "srdd_lightning.metrics.classifier.train_digits_classifier and write it with save_classifier, "
             "then point the digits-classifier checkpoint option at it."
         )
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or pickled objects beyond tensors
+        raise ValueError(f"{path} is not a readable digits classifier checkpoint ({type(e).__name__})") from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a digits classifier checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     model = DigitsClassifier(DigitsClassifierConfig(**payload["config"]))

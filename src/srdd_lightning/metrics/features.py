@@ -184,13 +184,18 @@ class DigitsClassifierExtractor(FeatureExtractor):
 
     name = "digits-classifier"
 
-    def __init__(self, checkpoint_path: str | os.PathLike | None = None, model: DigitsClassifier | None = None):
+    def __init__(
+        self, checkpoint_path: str | os.PathLike | None = None, model: DigitsClassifier | None = None,
+        meta: dict | None = None,
+    ):  # fmt: skip
         super().__init__()
         if (checkpoint_path is None) == (model is None):
             raise ValueError("DigitsClassifierExtractor needs exactly one of checkpoint_path or model")
         if model is None:
-            model, _ = load_classifier(checkpoint_path)
+            model, meta = load_classifier(checkpoint_path)
         self.model = model.eval().requires_grad_(False)
+        self.meta = dict(meta or {})
+        """The checkpoint's meta: `dataset` (the data it was trained on, evaluation.dataset_key), val accuracy..."""
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.feature_dim = model.config.feature_dim
         self.input_resolution = model.config.resolution

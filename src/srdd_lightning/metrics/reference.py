@@ -2,7 +2,8 @@
 
 Cache file: `<cache_dir>/<dataset>-<extractor.cache_key>-<res>px[-n<num_images>].npz` holding
 mu (D,), sigma (D, D) in float64, the image count, a seeded uniform subsample of the real
-features (float32, for precision/recall) and the metadata checked on every load.
+features (float32, at most 10k: all of them for the digits; KID and precision/recall use it) and the
+metadata checked on every load.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from srdd_lightning.utils.io import atomic_write
 
 from .features import FeatureExtractor, check_uint8_images
 from .frechet import FeatureStats
@@ -110,24 +112,14 @@ def compute_reference_stats(
 
 
 def save_reference_stats(path: str | os.PathLike, ref: ReferenceStats) -> Path:
-    """Write `ref` to `path` atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `ref` to `path` atomically (utils.io.atomic_write)."""
     meta = {"format": CACHE_FORMAT, "dataset": ref.dataset, "extractor": ref.extractor,
             "resolution": int(ref.resolution), "count": int(ref.count)}
     arrays = {"mu": np.asarray(ref.mu_D, np.float64), "sigma": np.asarray(ref.sigma_DD, np.float64),
               "meta": np.array(json.dumps(meta))}
     if ref.features_ND is not None:
         arrays["features"] = np.asarray(ref.features_ND, np.float32)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_reference_stats(path: str | os.PathLike) -> ReferenceStats:
@@ -176,9 +168,13 @@ def reference_stats(
             problems.append(f"count={ref.count} (expected {num_images})")
         if ref.mu_D.shape != (extractor.feature_dim,) or ref.sigma_DD.shape != (extractor.feature_dim,) * 2:
             problems.append(f"feature dim {ref.mu_D.shape} (expected {extractor.feature_dim})")
+        # KID and precision/recall need the real features: all of them up to max_stored_features.
+        stored = 0 if ref.features_ND is None else len(ref.features_ND)
+        if stored < min(ref.count, max_stored_features):
+            problems.append(f"{stored} stored real features (expected {min(ref.count, max_stored_features)})")
         if problems:
             raise ValueError(f"cached reference statistics {path} do not match the request: {', '.join(problems)}; "
-                             "delete the file or pass recompute=True")
+                             "delete the file to recompute it")
         return ref
 
     stats, features_ND = compute_reference_stats(
