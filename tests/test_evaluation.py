@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,8 @@ from srdd_lightning.cli import main as srdd_main
 from srdd_lightning.data import ShardDataModule, ShardIndex, digits_images, pack_digits
 from srdd_lightning.evaluation import (
     EvaluationError,
+    dataset_key,
+    dataset_reference,
     evaluate,
     evaluate_arrays,
     extractor_from_options,
@@ -278,6 +282,8 @@ def test_evaluate_folder_and_npz_agree_and_record_settings(tmp_path, digits_root
     assert from_folder["metrics"] == from_npz["metrics"]
     m = from_folder["metrics"]
     assert m["num_samples"] == 40 and {"fid", "inception_score", "precision", "recall", "class_accuracy"} <= set(m)
+    assert m["kid_subset_size"] == 40 and m["kid_subsets"] == 100 and m["kid_std"] > 0  # min(1000, n) per subset
+    assert m["kid_mean"] > 0 and m["precision_recall_real"] == from_folder["reference"]["count"]  # all real features
     assert from_folder["sampling"] == SETTINGS  # copied from sampling.json beside the samples
     assert from_folder["extractor"]["name"] == "digits-classifier"
     assert from_folder["reference"]["count"] == ShardIndex.load(digits_root).split("train").total
@@ -290,7 +296,8 @@ def test_evaluate_folder_and_npz_agree_and_record_settings(tmp_path, digits_root
     evaluate(str(tmp_path / "npz" / "samples.npz"), str(digits_root), classifier=str(other), cache_dir=str(cache))
     root12 = pack_digits(tmp_path / "digits12", resolution=12, val_shards=2).root
     _write_samples(tmp_path / "s12", res=12, npz=True)
-    evaluate(str(tmp_path / "s12" / "samples.npz"), str(root12), classifier=str(classifier_path), cache_dir=str(cache))
+    clf12 = _classifier(tmp_path / "clf12.pt", resolution=12)  # a 16 px classifier is refused for 12 px data
+    evaluate(str(tmp_path / "s12" / "samples.npz"), str(root12), classifier=str(clf12), cache_dir=str(cache))
     names = sorted(p.name for p in cache.glob("*.npz"))
     assert len(names) == 3 and sum("-12px" in n for n in names) == 1, names
 
@@ -327,14 +334,149 @@ def test_evaluate_errors_are_clear(tmp_path, digits_root, classifier_path, monke
 
 def test_load_samples_rejects_mixed_names_and_bad_npz(tmp_path):
     _write_samples(tmp_path / "mixed", n=3)
-    save_png(torch.zeros(3, 16, 16, dtype=torch.uint8), tmp_path / "mixed" / "extra.png")
-    with pytest.raises(EvaluationError, match="all or none"):
+    save_png(torch.zeros(3, 16, 16, dtype=torch.uint8), tmp_path / "mixed" / "000003.png")  # a sample without class
+    with pytest.raises(EvaluationError, match="000003.png has no class; name all numbered samples the same way"):
+        load_samples(tmp_path / "mixed")
+    (tmp_path / "mixed" / "000003.png").rename(tmp_path / "mixed" / "000002_c7.png")
+    with pytest.raises(EvaluationError, match="index 2 appears twice"):
         load_samples(tmp_path / "mixed")
     np.savez(tmp_path / "bad.npz", arr_0=np.zeros((2, 16, 16, 3), np.float32))
     with pytest.raises(EvaluationError, match="uint8"):
         load_samples(tmp_path / "bad.npz")
     with pytest.raises(EvaluationError, match="folder of images or an .npz"):
         load_samples(tmp_path / "mixed" / "000000_c0.png")
+
+
+def test_evaluate_a_folder_written_by_srdd_sample(tmp_path, digits_root, classifier_path):
+    """``srdd sample`` writes grid.png and reference.png beside the samples: they are not samples."""
+    folder = tmp_path / "samples"
+    imgs, labels = _write_samples(folder, n=24)
+    save_png(torch.zeros(3, 40, 72, dtype=torch.uint8), folder / "grid.png")  # another size: it would break the stack
+    save_png(imgs[0], folder / "reference.png")
+    np.savez(folder / "samples.npz", arr_0=imgs.permute(0, 2, 3, 1).numpy(), labels=np.array(labels))
+    images, got_labels, settings = load_samples(folder)
+    assert torch.equal(images, imgs) and got_labels.tolist() == labels and settings == SETTINGS
+    cache = str(tmp_path / "cache")
+    from_folder = evaluate(str(folder), str(digits_root), classifier=str(classifier_path), cache_dir=cache)
+    from_npz = evaluate(str(folder / "samples.npz"), str(digits_root), classifier=str(classifier_path), cache_dir=cache)
+    assert from_folder["metrics"] == from_npz["metrics"] and from_folder["metrics"]["num_samples"] == 24
+
+    # Index order, not name order, when the index outgrows its zero padding (10 before 9 by name).
+    numbered = tmp_path / "numbered"
+    numbered.mkdir()
+    for i in (9, 10, 1):
+        save_png(imgs[i], numbered / f"{i}_c{labels[i]}.png")
+    images, got_labels, _ = load_samples(numbered)
+    assert torch.equal(images, imgs[[1, 9, 10]]) and got_labels.tolist() == [labels[1], labels[9], labels[10]]
+    # A folder without {index}_c{class} names: every image is a sample, unlabelled.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(5):
+        save_png(imgs[i], plain / f"img{i}.png")
+    images, got_labels, _ = load_samples(plain)
+    assert torch.equal(images, imgs[:5]) and got_labels is None
+
+
+def _classifier(path: Path, meta: dict | None = None, **config) -> Path:
+    torch.manual_seed(0)
+    return save_classifier(path, DigitsClassifier(DigitsClassifierConfig(width=8, feature_dim=16, **config)), meta)
+
+
+@pytest.fixture(scope="module")
+def other_digits_root(tmp_path_factory) -> Path:
+    """The same digits split differently: another dataset key (another train split)."""
+    return pack_digits(tmp_path_factory.mktemp("other_digits"), resolution=16, val_fraction=0.3, val_shards=2).root
+
+
+def test_evaluate_refuses_a_classifier_or_reference_of_other_data(tmp_path, digits_root, other_digits_root):
+    samples = tmp_path / "s"
+    _write_samples(samples, npz=True)
+    npz, cache = str(samples / "samples.npz"), tmp_path / "cache"
+    index = ShardIndex.load(digits_root)
+    key = dataset_key(index)
+    refused = {
+        "five.pt": ({"num_classes": 5}, None, r"5 classes \(the data has 10\)"),
+        "px12.pt": ({"resolution": 12}, None, r"12 px images \(the data is 16 px\)"),
+        "other.pt": ({}, {"dataset": "digits-train-0"}, rf"the dataset digits-train-0 \(the data is {key}\)"),
+    }
+    for name, (config, meta, message) in refused.items():
+        path = _classifier(tmp_path / name, meta, **config)
+        with pytest.raises(EvaluationError, match=rf"{name} \(--classifier\) was trained for {message}.*srdd classifier"):
+            evaluate(npz, str(digits_root), classifier=str(path), cache_dir=str(cache))
+    assert not cache.exists()  # refused before any work
+    mine = _classifier(tmp_path / "mine.pt", {"dataset": key, "val_accuracy": 0.99})  # what srdd classifier records
+    assert evaluate(npz, str(digits_root), classifier=str(mine), cache_dir=str(cache))["metrics"]["num_samples"] == 40
+
+    # Statistics cached for one dataset, under the name of another, are refused with the file and the option.
+    ext = extractor_from_options("digits-classifier", mine)
+    ref = dataset_reference(index, ext, cache)
+    other_key = dataset_key(ShardIndex.load(other_digits_root))
+    assert other_key != key
+    fake = ref.path.with_name(ref.path.name.replace(key, other_key))
+    shutil.copy(ref.path, fake)
+    unchecked = _classifier(tmp_path / "unchecked.pt")  # mine's weights without the dataset: only the statistics tell
+    assert extractor_from_options("digits-classifier", unchecked).cache_key == ext.cache_key
+    with pytest.raises(EvaluationError, match=rf"{re.escape(other_key)}.*do not match the request: dataset='{key}'"
+                                              r".*--cache_dir"):  # fmt: skip
+        evaluate(npz, str(other_digits_root), classifier=str(unchecked), cache_dir=str(cache))
+
+
+def test_fid_callback_refuses_a_classifier_or_reference_of_other_data(tmp_path, digits_root, other_digits_root,
+                                                                      classifier_path):  # fmt: skip
+    def fit(classifier, root, cache):
+        cb = FIDCallback(every_n_steps=2, num_samples=20, classifier=str(classifier), cache_dir=str(cache))
+        stage = StandInStage()
+        trainer = _trainer(tmp_path, cb, max_steps=2, num_sanity_val_steps=0, logger=False)
+        with pytest.raises(EvaluationError) as e:
+            trainer.fit(stage, datamodule=ShardDataModule(str(root), batch_size=16))
+        assert stage.sample_calls == 0
+        return str(e.value)
+
+    five = _classifier(tmp_path / "five.pt", num_classes=5)
+    assert "five.pt (FIDCallback classifier) was trained for 5 classes" in fit(five, digits_root, tmp_path / "c1")
+    # Reference statistics of digits_root copied under other_digits_root's name.
+    index, other = ShardIndex.load(digits_root), ShardIndex.load(other_digits_root)
+    ref = dataset_reference(index, extractor_from_options("digits-classifier", classifier_path), tmp_path / "c2")
+    shutil.copy(ref.path, ref.path.with_name(ref.path.name.replace(dataset_key(index), dataset_key(other))))
+    msg = fit(classifier_path, other_digits_root, tmp_path / "c2")
+    assert f"dataset='{dataset_key(index)}' (expected '{dataset_key(other)}')" in msg and "FIDCallback cache_dir" in msg
+
+
+def test_cli_mistakes_are_one_line_and_exit_code_2(tmp_path, digits_root, classifier_path, capsys):
+    samples = tmp_path / "s"
+    _write_samples(samples, npz=True)
+    npz = samples / "samples.npz"
+    (tmp_path / "text.npz").write_text("not an archive\n")
+    (tmp_path / "truncated.npz").write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
+    (tmp_path / "garbage.pt").write_text("not a checkpoint")
+    data = ["--data", str(digits_root), "--cache_dir", str(tmp_path / "cache")]
+    base = [*data, "--classifier", str(classifier_path)]
+    cases = [
+        (["--samples", str(tmp_path / "text.npz"), *base], "text.npz (--samples) is not a readable .npz archive"),
+        (["--samples", str(tmp_path / "truncated.npz"), *base], "truncated.npz (--samples) is not a readable .npz"),
+        (["--samples", str(tmp_path / "missing"), *base], "missing (--samples) do not exist"),
+        (["--samples", str(npz), "--data", str(tmp_path / "no_data"), "--classifier", str(classifier_path)],
+         "no_data does not exist; pack one first"),
+        (["--samples", str(npz), *base, "--extractor", "clip"], "unknown extractor 'clip' (--extractor)"),
+        (["--samples", str(npz), *data, "--classifier", str(tmp_path / "garbage.pt")],
+         "garbage.pt is not a readable digits classifier checkpoint"),
+        (["--samples", str(npz), *base, "--batch_size", "many"], 'Parser key "batch_size": Expected a'),
+        (["--samples", str(npz), *base, "--num_real", "99999"], "but the data holds only 1533"),
+        (["--samples", str(npz), *base, "--nope", "1"], "unrecognized arguments: --nope 1"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            srdd_main(["evaluate", *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("srdd evaluate: error: ") and err.count("\n") == 1, (argv, err)
+        assert message in err, (argv, err)
+    for argv, message in [(["--data", str(tmp_path / "no_data")], "no_data does not exist"),
+                          (["--data", str(digits_root), "--epochs", "0"], "--epochs must be >= 1")]:  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            srdd_main(["classifier", *argv, "--out", str(tmp_path / "c.pt")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("srdd classifier: error: ") and err.count("\n") == 1
+        assert message in err, (argv, err)
 
 
 @pytest.mark.slow

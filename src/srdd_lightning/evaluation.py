@@ -5,10 +5,13 @@
         --extractor digits-classifier --classifier runs/digits/classifier.pt --out results/x/metrics.json
     srdd evaluate --samples DIR --data data/ffhq --extractor inception-v3-compat --inception_weights PATH
 
-Samples are a folder of PNGs (``{index:06d}_c{class}.png``, the class part optional) or an ``.npz``
+Samples are a folder of PNGs (``{index:06d}_c{class}.png``; other images there, such as ``srdd sample``'s
+``grid.png``, are not samples; a folder without such names counts all its images) or an ``.npz``
 holding ``arr_0`` (uint8 NHWC) and optionally ``labels``; the settings ``srdd sample`` wrote into
 ``sampling.json`` beside them are copied into the result. Reference statistics are those of the
-*train* split of the packed dataset, computed once per (dataset, extractor, resolution) and cached.
+*train* split of the packed dataset, computed once per (dataset, extractor, resolution) and cached;
+a digits classifier or cached statistics made for other data are refused. FID is ours (float64,
+streamed); IS, KID and precision/recall are torch-fidelity's over the same features.
 Every number says which extractor and how many samples produced it.
 """
 
@@ -19,7 +22,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -32,6 +34,7 @@ from srdd_lightning.data.index import ShardIndex
 from srdd_lightning.data.stream import ValShards
 from srdd_lightning.metrics import (
     FEATURE_EXTRACTORS,
+    DigitsClassifierExtractor,
     FeatureExtractor,
     FeatureStats,
     ReferenceStats,
@@ -39,17 +42,19 @@ from srdd_lightning.metrics import (
     class_consistency_accuracy,
     frechet_distance,
     inception_score,
+    kernel_inception_distance,
     precision_recall,
     reference_stats,
 )
 from srdd_lightning.utils.images import load_png, to_uint8
+from srdd_lightning.utils.io import write_json  # re-exported: table.py imports it from here
 
 DEFAULT_CACHE_DIR = "runs/reference_stats"
 DEFAULT_CLASSIFIER = "runs/digits/classifier.pt"
 SAMPLING_JSON = "sampling.json"
 RESULT_FORMAT = "srdd-evaluation-v1"
-IS_SHUFFLE_SEED = 2020  # torch-fidelity's rng_seed
-_CLASS_IN_NAME = re.compile(r"_c(\d+)(?=\.[^.]+$)")
+_SAMPLE_NAME = re.compile(r"^(\d+)_c(\d+)$")  # the stem of `srdd sample`'s {index:06d}_c{class}.png
+_INDEX_NAME = re.compile(r"^\d+$")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
@@ -89,9 +94,32 @@ def extractor_from_options(
         kwargs = {}
     try:
         ext = build_feature_extractor(extractor, **kwargs)
-    except FileNotFoundError as e:
-        raise EvaluationError(str(e)) from None
+    except (FileNotFoundError, ValueError) as e:  # missing, or not the weights file it claims to be
+        option = "--classifier" if extractor == "digits-classifier" else "--inception_weights"
+        raise EvaluationError(f"{e} ({option})") from None
     return ext.to(device).eval()
+
+
+def check_extractor_fits(
+    ext: FeatureExtractor, index: ShardIndex, resolution: int, option: str = "--classifier"
+) -> None:
+    """Refuse a digits classifier trained on other data: another dataset, class count or resolution."""
+    if not isinstance(ext, DigitsClassifierExtractor):
+        return  # Inception is meant for any images
+    problems = []
+    if ext.num_classes != index.num_classes:
+        problems.append(f"{ext.num_classes} classes (the data has {index.num_classes})")
+    if ext.input_resolution != resolution:
+        problems.append(f"{ext.input_resolution} px images (the data is {resolution} px)")
+    trained_on, key = ext.meta.get("dataset"), dataset_key(index)
+    if trained_on is not None and trained_on != key:  # checkpoints written by hand may not record it
+        problems.append(f"the dataset {trained_on} (the data is {key})")
+    if problems:
+        raise EvaluationError(
+            f"digits classifier {ext.checkpoint_path or '(given as a model)'} ({option}) was trained for "
+            f"{', '.join(problems)}: its features do not describe {index.root}; train one on it with "
+            f"`srdd classifier --data {index.root} --out PATH`"
+        )
 
 
 def extractor_description(ext: FeatureExtractor) -> dict[str, Any]:
@@ -133,6 +161,14 @@ def extract(
 # ---------------------------------------------------------------------------------------------
 
 
+def load_index(data: str | os.PathLike, option: str = "--data") -> ShardIndex:
+    """``ShardIndex.load``; a missing folder or damaged index.json is an EvaluationError naming the option."""
+    try:
+        return ShardIndex.load(data)
+    except (FileNotFoundError, ValueError) as e:
+        raise EvaluationError(f"{e} ({option})") from None
+
+
 def dataset_key(index: ShardIndex, split: str = "train") -> str:
     """``<name>-<split>-<hash>``: two packs with different contents never share cached statistics."""
     info = index.to_json()
@@ -165,15 +201,22 @@ def dataset_reference(
     num_images: int | None = None,
     resolution: int | None = None,
     batch_size: int = 256,
+    option: str = "--cache_dir",
 ) -> ReferenceStats:
-    """Reference statistics of the train split of a packed dataset (computed once, then read from ``cache_dir``)."""
-    index = data if isinstance(data, ShardIndex) else ShardIndex.load(data)
+    """Reference statistics of the train split of a packed dataset (computed once, then read from ``cache_dir``).
+
+    A cached file made for another dataset, extractor or resolution, or a too-large ``num_images``, is refused.
+    """
+    index = data if isinstance(data, ShardIndex) else load_index(data)
     res = resolution or index.resolution
-    return reference_stats(
-        dataset_key(index), res, extractor,
-        lambda: (img for img, _ in iter_split_uint8(index, "train", res, batch_size)),
-        cache_dir, num_images=num_images,
-    )  # fmt: skip
+    try:
+        return reference_stats(
+            dataset_key(index), res, extractor,
+            lambda: (img for img, _ in iter_split_uint8(index, "train", res, batch_size)),
+            cache_dir, num_images=num_images,
+        )  # fmt: skip
+    except ValueError as e:
+        raise EvaluationError(f"{e} (reference statistics in {option} {cache_dir})") from None
 
 
 def reference_description(ref: ReferenceStats, index: ShardIndex | None = None) -> dict[str, Any]:
@@ -189,43 +232,65 @@ def reference_description(ref: ReferenceStats, index: ShardIndex | None = None) 
 # ---------------------------------------------------------------------------------------------
 
 
+def _sample_files(path: Path) -> tuple[list[Path], torch.Tensor | None]:
+    """The sample images of a folder, in index order, and their classes (None when the names carry none)."""
+    images = sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not images:
+        raise EvaluationError(f"sample folder {path} is empty: no image files (.png, .jpg, ...) in it")
+    named = {p: m for p in images if (m := _SAMPLE_NAME.match(p.stem))}
+    if not named:
+        return images, None
+    # `srdd sample` writes grid.png (and reference.png) beside the samples: only {index}_c{class} files count.
+    unlabelled = [p.name for p in images if p not in named and _INDEX_NAME.match(p.stem)]
+    if unlabelled:
+        raise EvaluationError(f"{path}: {len(named)} samples are named <index>_c<class>, but e.g. {unlabelled[0]} "
+                              "has no class; name all numbered samples the same way")  # fmt: skip
+    files = sorted(named, key=lambda p: int(named[p].group(1)))
+    indices = [int(named[p].group(1)) for p in files]
+    if len(set(indices)) != len(indices):
+        dup = next(i for i, j in zip(indices, indices[1:]) if i == j)
+        raise EvaluationError(f"{path}: sample index {dup} appears twice (two _c<k> files); one file per index")
+    return files, torch.tensor([int(named[p].group(2)) for p in files])
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "arr_0" not in z.files:
+                raise EvaluationError(f"{path} (--samples) has no 'arr_0' array of images (it holds {z.files})")
+            return z["arr_0"], (z["labels"] if "labels" in z.files else None)
+    except EvaluationError:
+        raise
+    except Exception as e:  # a text file, a truncated archive, a pickle: numpy's errors vary
+        raise EvaluationError(f"{path} (--samples) is not a readable .npz archive ({type(e).__name__}: {e}); srdd "
+                              "sample writes samples.npz with arr_0 (uint8 N, H, W, 3) and labels") from None  # fmt: skip
+
+
 def load_samples(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
     """uint8 images (N, 3, H, W), requested labels (N,) or None, and ``sampling.json`` beside them (or None).
 
-    ``path`` is a folder of images (sorted by name; ``_c<class>`` before the extension gives the
-    label) or an ``.npz`` with ``arr_0`` (N, H, W, 3) uint8 and optionally ``labels``.
+    ``path`` is a folder of images (``{index}_c{class}.png`` in index order, other images ignored; else all
+    images, by name) or an ``.npz`` with ``arr_0`` (N, H, W, 3) uint8 and optionally ``labels``.
     """
     path = Path(path)
     if not path.exists():
         raise EvaluationError(f"samples {path} (--samples) do not exist")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith("."))
-        if not files:
-            raise EvaluationError(f"sample folder {path} is empty: no image files (.png, .jpg, ...) in it")
-        classes = [_CLASS_IN_NAME.search(p.name) for p in files]
-        with_class = sum(m is not None for m in classes)
-        if 0 < with_class < len(files):
-            bad = next(p.name for p, m in zip(files, classes) if m is None)
-            raise EvaluationError(f"{path}: {with_class} of {len(files)} file names carry a class (_c<k>), "
-                                  f"but e.g. {bad} does not; all or none must")  # fmt: skip
-        imgs = [load_png(p) for p in files]
+        files, labels = _sample_files(path)
+        imgs = []
+        for p in files:
+            try:
+                imgs.append(load_png(p))
+            except Exception as e:  # PIL raises several types for a damaged or non-image file
+                msg = f"sample {p} (--samples) is not a readable image ({type(e).__name__}: {e})"
+                raise EvaluationError(msg) from None
         shapes = {tuple(i.shape) for i in imgs}
         if len(shapes) > 1:
             raise EvaluationError(f"images in {path} have different sizes: {sorted(shapes)}")
         images = torch.stack(imgs)
-        labels = torch.tensor([int(m.group(1)) for m in classes]) if with_class else None
         settings_file = path / SAMPLING_JSON
     elif path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if "arr_0" not in z.files:
-                    raise EvaluationError(f"{path} has no 'arr_0' array of images (it holds {z.files})")
-                arr = z["arr_0"]
-                labels_np = z["labels"] if "labels" in z.files else None
-        except EvaluationError:
-            raise
-        except Exception as e:
-            raise EvaluationError(f"{path} is not a readable .npz file: {e}") from e
+        arr, labels_np = _read_npz(path)
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
             raise EvaluationError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
         if arr.shape[0] == 0:
@@ -233,15 +298,19 @@ def load_samples(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | 
         images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
         labels = None
         if labels_np is not None:
-            if labels_np.shape != (arr.shape[0],):
-                raise EvaluationError(f"{path}: labels must be ({arr.shape[0]},), got {labels_np.shape}")
+            if labels_np.shape != (arr.shape[0],) or labels_np.dtype.kind not in "iu":
+                raise EvaluationError(f"{path}: labels must be integers ({arr.shape[0]},), got {labels_np.dtype} "
+                                      f"{labels_np.shape}")  # fmt: skip
             labels = torch.from_numpy(labels_np.astype(np.int64))
         settings_file = path.parent / SAMPLING_JSON
     else:
         raise EvaluationError(f"--samples must be a folder of images or an .npz file, got {path}")
     if images.shape[-1] != images.shape[-2]:
         raise EvaluationError(f"samples must be square, got {tuple(images.shape[-2:])}")
-    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else None
+    try:
+        settings = json.loads(settings_file.read_text()) if settings_file.is_file() else None
+    except json.JSONDecodeError as e:
+        raise EvaluationError(f"{settings_file} (beside --samples) is not valid JSON ({e})") from None
     return images, labels, settings
 
 
@@ -256,7 +325,7 @@ def is_splits(n: int) -> int:
 
 
 def fid_from_stats(stats: FeatureStats, ref: ReferenceStats) -> float:
-    """FID in float64 against cached reference statistics."""
+    """FID in float64 against cached reference statistics (ours: it streams across ranks)."""
     return frechet_distance(stats.mean, stats.cov, ref.mu_D, ref.sigma_DD)
 
 
@@ -269,20 +338,22 @@ def compute_metrics(
     class_logits: bool,
     pr_k: int = 3,
 ) -> dict[str, Any]:
-    """FID; IS when there are logits; precision/recall against the stored real features; class accuracy
+    """FID; IS when there are logits; KID and precision/recall against the stored real features; class accuracy
     when the logits are those of a classifier over the dataset's own classes (``class_logits``)."""
     n = stats.n
     out: dict[str, Any] = {"fid": fid_from_stats(stats, ref), "num_samples": n}
     if logits_NK is not None:
-        splits = is_splits(n)
-        # Shuffled before splitting (torch-fidelity's seed): samples sorted by class would otherwise give one
-        # class per split, and an IS near 1.
-        score = inception_score(logits_NK, splits=splits, shuffle_seed=IS_SHUFFLE_SEED)
-        out.update(inception_score=score.mean, inception_score_std=score.std, inception_score_splits=splits)
-    if features_ND is not None and ref.features_ND is not None and min(n, len(ref.features_ND)) > pr_k:
-        pr = precision_recall(ref.features_ND, features_ND, k=pr_k)
-        out.update(precision=pr.precision, recall=pr.recall, precision_recall_k=pr_k,
-                   precision_recall_real=int(len(ref.features_ND)))  # fmt: skip
+        score = inception_score(logits_NK, splits=is_splits(n))  # torch-fidelity's shuffle (seed 2020) first
+        out.update(inception_score=score.mean, inception_score_std=score.std, inception_score_splits=score.splits)
+    real_ND = ref.features_ND
+    if features_ND is not None and real_ND is not None:
+        out["precision_recall_real"] = int(len(real_ND))  # the real features KID and precision/recall saw
+        if min(n, len(real_ND)) > pr_k:
+            pr = precision_recall(real_ND, features_ND, k=pr_k)
+            out.update(precision=pr.precision, recall=pr.recall, precision_recall_k=pr_k)
+        if min(n, len(real_ND)) >= 2:
+            kid = kernel_inception_distance(real_ND, features_ND)  # 100 subsets of min(1000, n, n_real)
+            out.update(kid_mean=kid.mean, kid_std=kid.std, kid_subset_size=kid.subset_size, kid_subsets=kid.subsets)
     if class_logits and logits_NK is not None and labels_N is not None:
         out["class_accuracy"] = class_consistency_accuracy(logits_NK, labels_N)
     return out
@@ -314,6 +385,7 @@ def evaluate_arrays(
         raise EvaluationError(f"FID needs at least 2 samples, got {images.shape[0]}")
     if labels is not None and index.conditional and int(labels.max()) >= index.num_classes:
         raise EvaluationError(f"sample labels go up to {int(labels.max())}, but {index.root} has {index.num_classes} classes")
+    check_extractor_fits(extractor, index, res)
     ref = dataset_reference(index, extractor, cache_dir, num_images=num_real, batch_size=batch_size)
     stats, feats, logits = extract(extractor, images, batch_size)
     metrics = compute_metrics(stats, feats, logits, labels, ref, has_class_logits(extractor, index.num_classes))
@@ -333,11 +405,12 @@ def evaluate(
     batch_size: int = 256,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Score generated samples: FID (float64), IS, precision/recall and class-consistency accuracy.
+    """Score generated samples: FID (float64), IS, KID, precision/recall and class-consistency accuracy.
 
     Args:
-        samples: A folder of images (``{index:06d}_c{class}.png``) or an ``.npz`` with ``arr_0`` (uint8 NHWC)
-            and optionally ``labels``; ``sampling.json`` beside them is recorded with the result.
+        samples: A folder of images (``{index:06d}_c{class}.png``; ``grid.png`` and other images beside them are
+            ignored) or an ``.npz`` with ``arr_0`` (uint8 NHWC) and optionally ``labels``; ``sampling.json`` beside
+            them is recorded with the result.
         data: Packed dataset (``srdd data ...``) whose train split is the reference.
         extractor: Feature extractor: ``digits-classifier`` (built-in data) or ``inception-v3-compat``.
         classifier: Digits classifier checkpoint (``srdd classifier``), for ``--extractor digits-classifier``.
@@ -353,8 +426,12 @@ def evaluate(
         raise EvaluationError("--samples DIR_or_NPZ is required: a folder of sample PNGs or an .npz (srdd sample writes both)")
     t0 = time.time()
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if str(dev).startswith("cuda") and not torch.cuda.is_available():
+        raise EvaluationError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if batch_size < 1 or (num_real is not None and num_real < 2):
+        raise EvaluationError(f"--batch_size must be >= 1 and --num_real >= 2, got {batch_size} and {num_real}")
     images, labels, settings = load_samples(samples)
-    index = ShardIndex.load(data)
+    index = load_index(data)
     ext = extractor_from_options(extractor, classifier, inception_weights, dev)
     result = evaluate_arrays(images, labels, index, ext, cache_dir, num_real, batch_size)
     result = {"format": RESULT_FORMAT, "samples": str(samples), **result, "sampling": settings,
@@ -370,39 +447,19 @@ def format_result(result: dict[str, Any]) -> str:
     m, ext, ref = result["metrics"], result["extractor"], result["reference"]
     lines = [f"{m['num_samples']} samples vs {ref['count']} real ({ref['dataset']}, train split, {ref['resolution']} px), "
              f"extractor {ext['cache_key']}:"]  # fmt: skip
-    names = {"fid": "FID", "inception_score": "IS", "precision": "precision", "recall": "recall",
+    names = {"fid": "FID", "kid_mean": "KID", "inception_score": "IS", "precision": "precision", "recall": "recall",
              "class_accuracy": "class accuracy"}  # fmt: skip
     for key, name in names.items():
-        if key in m:
-            extra = f" ± {m['inception_score_std']:.4f} ({m['inception_score_splits']} splits)" if key == "inception_score" else ""
-            lines.append(f"  {name:<15} {m[key]:.4f}{extra}")
+        if key not in m:
+            continue
+        value, extra = f"{m[key]:.4f}", ""
+        if key == "inception_score":
+            extra = f" ± {m['inception_score_std']:.4f} ({m['inception_score_splits']} splits)"
+        elif key == "kid_mean":  # KID is ~1e-3 for good samples: more digits
+            value = f"{m[key]:.5f}"
+            extra = f" ± {m['kid_std']:.5f} ({m['kid_subsets']} subsets of {m['kid_subset_size']})"
+        lines.append(f"  {name:<15} {value}{extra}")
     return "\n".join(lines)
-
-
-def write_json(path: str | os.PathLike, payload: Any) -> Path:
-    """Write JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.generic,)):
-        return o.item()
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,9 +487,13 @@ def train_classifier(
     """
     from srdd_lightning.metrics import DigitsClassifierConfig, save_classifier, train_digits_classifier
 
-    index = ShardIndex.load(data)
+    index = load_index(data)
+    if epochs < 1:
+        raise EvaluationError(f"--epochs must be >= 1, got {epochs}")
     if not index.conditional:
         raise EvaluationError(f"{data} has a single class: a class-consistency classifier needs labelled classes")
+    if not {"train", "val"} <= set(index.splits):
+        raise EvaluationError(f"{data} (--data) needs a train and a val split, it has {sorted(index.splits)}")
     t0 = time.time()
     xt, yt = load_split(index, "train")
     xv, yv = load_split(index, "val")
@@ -440,7 +501,9 @@ def train_classifier(
           f"validating on {len(yv)}; writing {out}")  # fmt: skip
     config = DigitsClassifierConfig(num_classes=index.num_classes, resolution=index.resolution, width=width)
     model, acc = train_digits_classifier(xt, yt, xv, yv, epochs=epochs, seed=seed, config=config, log_every=5)
+    # What it was trained on: evaluation refuses it for other data (check_extractor_fits).
     meta = {"val_accuracy": acc, "epochs": epochs, "seed": seed, "data": str(data), "dataset": dataset_key(index, "train"),
+            "num_classes": index.num_classes, "resolution": index.resolution,
             "num_train": len(yt), "num_val": len(yv), "seconds": round(time.time() - t0, 1)}  # fmt: skip
     save_classifier(out, model, meta)
     print(f"digits classifier: val accuracy {acc:.4f} ({len(yv)} images) after {meta['seconds']} s -> {out}")
@@ -456,12 +519,16 @@ def train_classifier(
 
 
 def _run_tool(fn: Callable, argv: Sequence[str], prog: str, description: str) -> None:
-    from jsonargparse import CLI
+    """Run ``fn`` as a command; a user's mistake (bad option, path or file) is one line on stderr and exit code 2."""
+    from jsonargparse import CLI, ArgumentError
 
     try:
-        CLI(fn, args=list(argv), prog=prog, description=description)
+        CLI(fn, args=list(argv), prog=prog, description=description, exit_on_error=False)
+    except ArgumentError as e:
+        print(f"{prog}: error: {' '.join(str(e).split())} (see {prog} --help)", file=sys.stderr)
+        raise SystemExit(2) from None
     except (EvaluationError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -476,6 +543,7 @@ def classifier_tool(argv: Sequence[str]) -> None:
 __all__ = [
     "DEFAULT_CACHE_DIR",
     "EvaluationError",
+    "check_extractor_fits",
     "compute_metrics",
     "dataset_key",
     "dataset_reference",
@@ -484,6 +552,8 @@ __all__ = [
     "extract",
     "extractor_from_options",
     "has_class_logits",
+    "load_index",
     "load_samples",
     "train_classifier",
+    "write_json",
 ]

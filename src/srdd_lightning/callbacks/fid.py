@@ -5,9 +5,11 @@ and class ``i mod num_classes``, rank r takes the i ≡ r (mod world size) — e
 ranks sum their float64 feature statistics (n, Σx, Σxxᵀ; never images). Every rank then computes the
 same FID against the cached reference statistics of the train split, so the value is logged with
 ``sync_dist=False`` under an honest key, e.g. ``val/fid_digits-classifier_1000``, that
-``ModelCheckpoint(monitor=...)`` can use. IS and class-consistency accuracy come from the gathered
-logits (small) when the extractor has a classifier head. ``mode="reconstruct"`` scores the tokenizer:
-reconstructions of validation images (rFID, key ``val/rfid_<extractor>_<n>``).
+``ModelCheckpoint(monitor=...)`` can use. IS and class-consistency accuracy come from the logits
+(small), gathered with torchmetrics' ``gather_all_tensors``, when the extractor has a classifier head.
+A digits classifier or cached reference statistics made for other data are refused at the first
+evaluation. ``mode="reconstruct"`` scores the tokenizer: reconstructions of validation images (rFID,
+key ``val/rfid_<extractor>_<n>``).
 
 This is an in-training monitor; table numbers come from ``srdd sample`` → ``srdd evaluate``.
 
@@ -32,15 +34,18 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from srdd_lightning.data.index import ShardIndex
 from srdd_lightning.data.stream import ValShards
 from srdd_lightning.evaluation import (
     DEFAULT_CACHE_DIR,
+    check_extractor_fits,
     compute_metrics,
     dataset_reference,
     extractor_from_options,
     has_class_logits,
+    load_index,
 )
 from srdd_lightning.metrics import FeatureExtractor, FeatureStats, ReferenceStats
 from srdd_lightning.sampling.config import SamplingConfig
@@ -128,13 +133,16 @@ class FIDCallback(pl.Callback):
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._extractor is None:
-            self._extractor = extractor_from_options(self.extractor_name, self.classifier, self.inception_weights,
-                                                     pl_module.device)  # fmt: skip
-            self._index = ShardIndex.load(self._root(trainer))
+            extractor = extractor_from_options(self.extractor_name, self.classifier, self.inception_weights,
+                                               pl_module.device)  # fmt: skip
+            index = load_index(self._root(trainer), option="FIDCallback data_root")
+            self._index = index
+            check_extractor_fits(extractor, index, self._resolution(trainer), option="FIDCallback classifier")
+            self._extractor = extractor
         if self._reference is None:
             res = self._resolution(trainer)
             build = lambda: dataset_reference(self._index, self._extractor, self.cache_dir, self.num_reference, res,  # noqa: E731
-                                              self.batch_size)  # fmt: skip
+                                              self.batch_size, option="FIDCallback cache_dir")  # fmt: skip
             if trainer.world_size > 1:
                 if trainer.is_global_zero:
                     self._reference = build()  # computes and caches (atomically) on a miss
@@ -229,13 +237,10 @@ class FIDCallback(pl.Callback):
         # so that every rank — and an offline run on the same samples — sees the same sequence.
         logits_NK = labels_N = None
         if ext.has_logits:
-            def rows(parts: list[torch.Tensor], width: int) -> torch.Tensor:
-                local = torch.cat(parts).double() if parts else torch.zeros(0, device=pl_module.device, dtype=torch.float64)
-                return _gather_rows(local.reshape(-1, width))
-
-            order_N = rows(idx_all, 1)[:, 0].argsort()
-            logits_NK = rows(logits, ext.num_classes)[order_N].cpu()
-            labels_N = rows(labels, 1)[order_N, 0].long().cpu()
+            dev = pl_module.device
+            order_N = _gather_rows(idx_all, (0,), torch.long, dev).argsort()
+            logits_NK = _gather_rows(logits, (0, ext.num_classes), torch.float32, dev)[order_N].cpu()
+            labels_N = _gather_rows(labels, (0,), torch.long, dev)[order_N].cpu()
         class_logits = has_class_logits(ext, self._index.num_classes)
         metrics = compute_metrics(stats, None, logits_NK, labels_N, ref, class_logits)
         self.last_metrics = metrics
@@ -280,20 +285,14 @@ class FIDCallback(pl.Callback):
             yield idx, [got[i][1] for i in idx], recon(x_B3HW).float()
 
 
-def _gather_rows(x_NC: torch.Tensor) -> torch.Tensor:
-    """Concatenate a (n_rank, C) tensor over all ranks (uneven n allowed); identity without a process group."""
+def _gather_rows(parts: list[torch.Tensor], empty_shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    """Every rank's rows (its ``parts`` concatenated), in rank order; ranks may hold different numbers of rows.
+
+    torchmetrics' ``gather_all_tensors`` pads to the longest rank and trims again; a rank with no rows sends
+    an ``empty_shape`` tensor. Identity without a process group.
+    """
+    local = torch.cat(parts).to(dtype) if parts else torch.zeros(empty_shape, dtype=dtype, device=device)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x_NC
-    via_cuda = dist.get_backend() == "nccl" and x_NC.device.type != "cuda"
-    dev = torch.device("cuda", torch.cuda.current_device()) if via_cuda else x_NC.device
-    x = x_NC.to(dev)
-    world = dist.get_world_size()
-    n = torch.tensor([x.shape[0]], device=dev)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    m = int(max(s.item() for s in sizes))
-    padded = torch.zeros(m, x.shape[1], dtype=x.dtype, device=dev)
-    padded[: x.shape[0]] = x
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(x_NC.device)
+        return local
+    return torch.cat(gather_all_tensors(local))
