@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from ..utils.io import atomic_write_text
 
 INDEX_NAME = "index.json"
 FORMAT = "srdd-shards-v1"
@@ -65,6 +66,14 @@ class ShardIndex:
         lines = [f"dataset {self.name!r} at {self.root}: {self.resolution} px, {self.num_classes} class(es)"]
         for k, v in self.splits.items():
             lines.append(f"  {k}: {v.total} samples in {len(v.shards)} shard(s)")
+        if self.extra.get("skipped_files"):
+            examples = ", ".join(self.extra.get("skipped_examples", []))
+            lines.append(f"  skipped {self.extra['skipped_files']} file(s) that are not readable images"
+                         + (f" (e.g. {examples})" if examples else ""))
+        if self.extra.get("skipped_classes"):
+            lines.append(f"  skipped empty class folder(s): {', '.join(self.extra['skipped_classes'])}")
+        if self.extra.get("upscaled"):
+            lines.append(f"  upscaled {self.extra['upscaled']} image(s) smaller than {self.resolution} px")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -83,11 +92,7 @@ class ShardIndex:
 
     def save(self, root: str | Path) -> Path:
         """Write ``index.json`` atomically (its presence marks a complete pack)."""
-        path = Path(root) / INDEX_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(Path(root) / INDEX_NAME, json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
     def load(cls, root: str | Path) -> "ShardIndex":
@@ -104,27 +109,76 @@ class ShardIndex:
                 f"{path} not found: {root} is not a packed dataset (or its packing did not finish); "
                 f"pack it with `srdd data digits` or `srdd data folder`"
             )
+        raw = read_raw(path)
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); re-pack the dataset") from e
-        if raw.get("format") != FORMAT:
-            raise ValueError(f"{path} has format {raw.get('format')!r}, expected {FORMAT!r}; re-pack the dataset")
-        splits = {
-            k: SplitInfo([ShardInfo(str(s["file"]), int(s["count"])) for s in v["shards"]])
-            for k, v in raw["splits"].items()
-        }
-        index = cls(
-            name=raw["name"],
-            resolution=int(raw["resolution"]),
-            classes=list(raw["classes"]),
-            splits=splits,
-            source=raw.get("source", ""),
-            extra=raw.get("extra", {}),
-            root=root,
-        )
+            splits = {k: SplitInfo(_shards(v["shards"])) for k, v in raw["splits"].items()}
+            index = cls(
+                name=str(raw["name"]),
+                resolution=_positive_int(raw["resolution"]),
+                classes=[str(c) for c in raw["classes"]],
+                splits=splits,
+                source=str(raw.get("source", "")),
+                extra=dict(raw.get("extra", {})),
+                root=root,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            what = f"lacks the entry {e.args[0]!r}" if isinstance(e, KeyError) else f"is malformed ({e})"
+            raise ValueError(f"{path} {what}; re-pack the dataset") from e
+        if not index.classes:
+            raise ValueError(f"{path} lists no classes; re-pack the dataset")
+        seen: set[str] = set()
+        for split, info in index.splits.items():
+            if "total" in raw["splits"][split] and raw["splits"][split]["total"] != info.total:
+                raise ValueError(f"{path}: the {split} split's total {raw['splits'][split]['total']} is not the sum "
+                                 f"of its shard counts ({info.total}); the index was edited or damaged, re-pack")
+            for s in info.shards:
+                if s.file in seen:
+                    raise ValueError(f"{path} lists shard {s.file} twice; re-pack the dataset")
+                seen.add(s.file)
         for split in index.splits:
             for p in index.shard_paths(split):
                 if not p.is_file():
                     raise FileNotFoundError(f"shard {p} listed in {path} is missing; re-pack the dataset")
         return index
+
+
+def read_raw(path: Path) -> dict:
+    """The JSON object in ``path`` with the right format tag, or a ValueError naming the file."""
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-pack the dataset") from e
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"{path} has format {found!r}, expected {FORMAT!r}; re-pack the dataset")
+    return raw
+
+
+def listed_files(root: str | Path) -> list[str]:
+    """The shard files an existing ``index.json`` lists (they belong to that pack); a ValueError if unreadable."""
+    path = Path(root) / INDEX_NAME
+    raw = read_raw(path)
+    try:
+        return [s.file for v in raw["splits"].values() for s in _shards(v["shards"])]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path} is malformed ({e})") from e
+
+
+def _shards(entries: list) -> list[ShardInfo]:
+    shards = []
+    for s in entries:
+        name = str(s["file"])
+        # Shards sit beside the index: a path elsewhere would make --overwrite delete files outside the pack.
+        if Path(name).name != name or name in ("", ".", "..", INDEX_NAME):
+            raise ValueError(f"shard file {name!r} is not a plain file name beside index.json")
+        count = int(s["count"])
+        if count < 1:
+            raise ValueError(f"shard {name} has count {count}")
+        shards.append(ShardInfo(name, count))
+    return shards
+
+
+def _positive_int(value) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"resolution {value!r} is not a positive integer")
+    return int(value)
