@@ -195,8 +195,28 @@ TOOLS: dict[str, tuple[str, str]] = {}
 
 
 def _data_tool(argv: Sequence[str]) -> None:
-    index = ToolCLI({"digits": pack_digits, "folder": pack_image_folder}, args=list(argv), prog="srdd data",
-                    description="Pack images into train/val webdataset shards with a JSON index.")
+    """``srdd data digits|folder``: a user's mistake (option, folder, existing pack) is one line and exit code 2."""
+    from argparse import ArgumentError
+
+    from .data.pack import PackError
+
+    prog = "srdd data"
+    try:
+        index = ToolCLI({"digits": pack_digits, "folder": pack_image_folder}, args=list(argv), prog=prog,
+                        description="Pack images into train/val webdataset shards with a JSON index.",
+                        as_positional=False, exit_on_error=False)  # --src/--out, as the README writes them
+    except ArgumentError as e:
+        # jsonargparse names options by their key ("folder.out"); the user typed --out.
+        message = re.sub(r"\b(?:digits|folder)\.(\w+)", r"--\1", " ".join(str(e).split()))
+        message = re.sub(r'Parser key "(\w+)": Expected a <class \'(\w+)\'>\. Got value:', r"--\1: expected \2, got",
+                         message)
+        sub = next((a for a in argv if a in ("digits", "folder")), None)
+        print(f"{prog}: error: {message}\n(`{prog}{' ' + sub if sub else ''} --help` lists the options)",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+    except PackError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if isinstance(index, ShardIndex):
         print(index.summary())
 

@@ -3,27 +3,52 @@
 Each sample is ``<key>.png`` (RGB, lossless, already at the packed resolution) and ``<key>.cls``
 (the class index as ASCII). Validation shards all hold the same number of samples, so every rank
 of a distributed run gets the same amount of validation work.
+
+A pack is written into a hidden staging folder inside ``out`` and moved into place only once it is
+complete, ``index.json`` last: a failing or interrupted pack leaves the previous one as it was, and
+``--overwrite`` removes only the files the previous ``index.json`` lists.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from .index import ShardIndex, ShardInfo, SplitInfo
+from ..utils.io import atomic_open
+from .index import INDEX_NAME, ShardIndex, ShardInfo, SplitInfo, listed_files
 
 log = logging.getLogger(__name__)
+
+STAGE_PREFIX = ".srdd-pack-"
+_NAMED_SKIPS = 10  # skipped files named one by one in warnings; the rest are only counted
+
+
+class PackError(ValueError):
+    """Input the packer cannot honour (an option, the source folder, the output folder): one clear sentence."""
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def _check_int(option: str, value, minimum: int) -> None:
+    # bool is an int to Python, and 256.0 would silently become a float resolution downstream.
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise PackError(f"--{option} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass
@@ -40,12 +65,36 @@ class SplitOptions:
     """Seed of the random train/val split and of the shard order."""
 
     def check(self) -> None:
-        if self.shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.val_shards < 1:
-            raise ValueError(f"val_shards must be >= 1, got {self.val_shards}")
+        """Raise :class:`PackError` naming the first option that cannot be honoured."""
+        _check_int("shard_size", self.shard_size, 1)
+        f = self.val_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float, np.floating)) or not 0.0 < f < 1.0:
+            raise PackError(f"--val_fraction must lie strictly between 0 and 1, got {f!r}")
+        _check_int("val_shards", self.val_shards, 1)
+        _check_int("seed", self.seed, 0)  # numpy's generators refuse negative seeds
+
+
+def warn_tokenizer_sizes(resolution: int) -> str | None:
+    """Warn (and return the message) when ``resolution`` is not a multiple of a tokenizer preset's downsampling."""
+    from ..models.tokenizer import TOKENIZER_PRESETS, tokenizer_config
+
+    by_factor: dict[int, list[str]] = {}
+    for name in TOKENIZER_PRESETS:
+        by_factor.setdefault(tokenizer_config(name).downsample, []).append(name)
+    bad = [(f, names) for f, names in sorted(by_factor.items(), reverse=True) if resolution % f]
+    if not bad:
+        return None
+    f = bad[0][0]
+    nearby = " or ".join(str(r) for r in (resolution // f * f, resolution // f * f + f) if r > 0)
+    msg = (f"resolution {resolution} is not a multiple of "
+           + " / ".join(f"{f} (the downsampling of {', '.join(names)})" for f, names in bad)
+           + f": those tokenizer presets cannot encode these images; pack at e.g. {nearby}, "
+             f"or set data.resolution when training to resize on the fly")  # fmt: skip
+    log.warning(msg)
+    return msg
+
+
+# ----------------------------------------------------------------------------- images
 
 
 def encode_png(img: Image.Image) -> bytes:
@@ -54,13 +103,48 @@ def encode_png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparent pixels are composited onto white rather than black."""
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit scaled by 1/257, float read as [0, 1], transparency over white.
+
+    CMYK goes through Pillow's conversion (an embedded ICC profile is not applied).
+    """
+    if img.mode in _INT_MODES or img.mode == "F":
+        img = _gray_to_8bit(img, name)
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _gray_to_8bit(img: Image.Image, name: str) -> Image.Image:
+    """16/32-bit integer or float grayscale -> ``L`` (``LA`` if a value is marked transparent).
+
+    Pillow's own conversion clips these to 0..255, so a 16-bit photo would pack as white.
+    """
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0)
+        lo, hi = 0.0, 1.0
+    else:
+        arr = arr.astype(np.int64)
+        lo, hi = 0, 65535  # mode I comes from 16-bit PNG/TIFF files: read it as 16-bit too
+    if arr.size and (arr.min() < lo or arr.max() > hi):
+        log.warning("%s: pixel values span [%s, %s], outside the %s..%s of its mode %s; clipped",
+                    name, arr.min(), arr.max(), lo, hi, img.mode)
+    if img.mode == "F":
+        gray = np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+    else:
+        gray = ((np.clip(arr, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
+    out = Image.fromarray(gray)
+    t = img.info.get("transparency")
+    if isinstance(t, int) and img.mode != "F":
+        out = Image.merge("LA", (out, Image.fromarray(np.where(arr == t, 0, 255).astype(np.uint8))))
+    return out
 
 
 def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
@@ -68,69 +152,194 @@ def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
     return ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
 
 
-def _plan_split(n: int, opts: SplitOptions) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded permutation -> (train indices, val indices); val fills ``val_shards`` equal shards."""
+def load_image(path: Path, resolution: int) -> tuple[Image.Image, bool]:
+    """``path`` as RGB at ``resolution`` (EXIF orientation applied), and whether it had to be upscaled."""
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)  # phone photos store "rotate 90°" as a tag, not in the pixels
+        return resize_center_crop(to_rgb(im, str(path)), resolution), min(im.size) < resolution
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` is not an image Pillow can open (None if it is); a cheap check that does not decode."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return None
+    except Exception as e:  # PIL raises many types for a non-image; each is a skip, not a crash
+        return f"not a readable image ({type(e).__name__}: {e})"
+
+
+@dataclass
+class _Skipped:
+    """Files left out of a pack: counted, the first few named in warnings and in the index."""
+
+    root: Path
+    names: list[str] = field(default_factory=list)
+
+    def add(self, path: Path, why: str) -> None:
+        self.names.append(str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path))
+        if len(self.names) <= _NAMED_SKIPS:
+            log.warning("skipping %s: %s", path, why)
+        elif len(self.names) == _NAMED_SKIPS + 1:
+            log.warning("skipping more files; they are counted, not named")
+
+
+# ----------------------------------------------------------------------------- shards and the staging folder
+
+
+def _plan_split(n: int, opts: SplitOptions) -> tuple[np.ndarray, int]:
+    """Seeded permutation of ``n`` samples and the validation size (``val_shards`` equal shards)."""
     opts.check()
     per_shard = int(n * opts.val_fraction) // opts.val_shards
     if per_shard < 1:
-        raise ValueError(
-            f"{n} samples with val_fraction={opts.val_fraction} cannot fill val_shards={opts.val_shards} "
-            f"validation shards with at least one sample each; raise val_fraction or lower val_shards"
+        raise PackError(
+            f"{n} samples with --val_fraction {opts.val_fraction} cannot fill --val_shards {opts.val_shards} "
+            f"validation shards with at least one sample each; raise --val_fraction or lower --val_shards"
         )
     n_val = per_shard * opts.val_shards
     if n_val >= n:
-        raise ValueError(f"validation ({n_val}) would take every one of the {n} samples; lower val_fraction")
-    perm = np.random.default_rng(opts.seed).permutation(n)
-    return perm[n_val:], perm[:n_val]
+        raise PackError(f"validation ({n_val}) would take every one of the {n} samples; lower --val_fraction")
+    return np.random.default_rng(opts.seed).permutation(n), n_val
 
 
-def _write_split(
-    out: Path, split: str, items: Sequence, load, shard_size: int, desc: str
-) -> tuple[SplitInfo, int]:
-    """Write ``items`` (each turned into ``(PIL image, label)`` by ``load``, or None to skip) into shards."""
+def _shard_name(split: str, i: int) -> str:
+    return f"{split}-{i:06d}.tar"
+
+
+def _write_shards(folder: Path, split: str, samples: Iterator, per_shard: int, max_shards: int | None = None
+                  ) -> SplitInfo:  # fmt: skip
+    """Consume ``(key, image, label)`` from ``samples`` into shards of ``per_shard`` (the last may be short)."""
     shards: list[ShardInfo] = []
-    skipped = 0
-    writer, count, shard_id = None, 0, 0
-
-    def close() -> None:
-        nonlocal writer
-        if writer is not None:
-            writer.close()
-            tmp = out / f".{split}-{shard_id:06d}.tar.tmp"
-            final = out / f"{split}-{shard_id:06d}.tar"
-            os.replace(tmp, final)
-            shards.append(ShardInfo(final.name, count))
-        writer = None
-
-    for item in tqdm(items, desc=desc, unit="img", dynamic_ncols=True):
-        loaded = load(item)
-        if loaded is None:
-            skipped += 1
-            continue
-        img, label = loaded
-        if writer is None:
-            writer = wds.TarWriter(str(out / f".{split}-{shard_id:06d}.tar.tmp"))
-            count = 0
-        # The key is the sample's position in the source (sorted file list or digits index): traceable.
-        writer.write({"__key__": f"{int(item):09d}", "png": encode_png(img), "cls": str(int(label)).encode()})
-        count += 1
-        if count == shard_size:
-            close()
-            shard_id += 1
-    close()
-    return SplitInfo(shards), skipped
+    while max_shards is None or len(shards) < max_shards:
+        first = next(samples, None)
+        if first is None:
+            break
+        name, count = _shard_name(split, len(shards)), 0
+        with atomic_open(folder / name) as f:  # a temporary name until the shard is complete
+            writer = wds.TarWriter(f)
+            try:
+                for key, img, label in _chain(first, samples, per_shard - 1):
+                    writer.write({"__key__": key, "png": encode_png(img), "cls": str(int(label)).encode()})
+                    count += 1
+            finally:  # the tar's end blocks, also on an error (atomic_open then discards the file)
+                writer.close()
+        shards.append(ShardInfo(name, count))
+    return SplitInfo(shards)
 
 
-def _prepare_out(out: str | Path, overwrite: bool) -> Path:
-    out = Path(out)
-    if (out / "index.json").exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a packed dataset; pass --overwrite true to replace it")
-    if out.exists() and overwrite:
-        for p in list(out.glob("*.tar")) + list(out.glob(".*.tar.tmp")) + [out / "index.json"]:
-            if p.exists():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _chain(first, rest: Iterator, n: int) -> Iterator:
+    yield first
+    for _ in range(n):
+        item = next(rest, None)
+        if item is None:
+            return
+        yield item
+
+
+def _write_splits(
+    folder: Path, order: Sequence[int], n_val: int, val_shards: int, shard_size: int,
+    load: Callable[[int], tuple[Image.Image, int] | None], desc: str,
+) -> dict[str, SplitInfo]:  # fmt: skip
+    """Validation takes the first ``n_val`` loadable items of ``order``, training the rest.
+
+    An item whose ``load`` returns None (it failed to decode) is skipped, and the next one in the
+    order takes its place, so the validation shards stay full and equal.
+    """
+
+    def samples() -> Iterator[tuple[str, Image.Image, int]]:
+        for i in tqdm(order, desc=desc, unit="img", dynamic_ncols=True):
+            loaded = load(int(i))
+            if loaded is not None:
+                # The key is the sample's position in the source (sorted file list or digits index): traceable.
+                yield f"{int(i):09d}", loaded[0], loaded[1]
+
+    stream = samples()
+    val = _write_shards(folder, "val", stream, n_val // val_shards, max_shards=val_shards)
+    if val.total < n_val:
+        raise PackError(f"only {val.total} images could be decoded, fewer than the {n_val} validation samples; "
+                        f"see the warnings about skipped files")  # fmt: skip
+    train = _write_shards(folder, "train", stream, shard_size)
+    if train.total == 0:
+        raise PackError("no decodable images are left for training after the validation split; lower --val_fraction")
+    return {"train": train, "val": val}
+
+
+def _expected_names(n: int, n_val: int, opts: SplitOptions) -> list[str]:
+    """Every shard name a pack of ``n`` samples may write (training may come out shorter)."""
+    n_train = math.ceil((n - n_val) / opts.shard_size)
+    return [_shard_name("val", i) for i in range(opts.val_shards)] + [_shard_name("train", i) for i in range(n_train)]
+
+
+def _file_mode() -> int:
+    """0666 less the process's umask: the permissions a plainly created file would get."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+class _Stage:
+    """A hidden staging folder inside ``out``: :meth:`commit` swaps a complete pack in; an error discards it."""
+
+    def __init__(self, out: str | Path, overwrite: bool):
+        self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise PackError(f"--out {self.out} is a file, not a folder")
+        self.old_files: list[str] = []
+        if (self.out / INDEX_NAME).exists():
+            if not overwrite:
+                raise PackError(f"--out {self.out} already holds a packed dataset; pass --overwrite true to replace "
+                                f"it (only the files its index.json lists are removed)")  # fmt: skip
+            try:
+                self.old_files = listed_files(self.out)
+            except ValueError as e:
+                raise PackError(f"--out {self.out} holds an index.json that cannot be read ({e}), so which files "
+                                f"belong to the old pack is unknown and nothing is replaced; remove the old pack "
+                                f"by hand or choose another --out") from None  # fmt: skip
+        self.created = not self.out.exists()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for stale in self.out.glob(f"{STAGE_PREFIX}*"):
+                log.warning("removing %s, left behind by an interrupted pack", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            self.dir = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=self.out))
+        except OSError as e:
+            raise PackError(f"cannot write into --out {self.out}: {e.strerror or e}") from None
+
+    def __enter__(self) -> _Stage:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # also KeyboardInterrupt: the previous pack stays as it was
+            shutil.rmtree(self.dir, ignore_errors=True)
+            if self.created and not any(self.out.iterdir()):
+                self.out.rmdir()
+
+    def check_names(self, names: Iterable[str]) -> None:
+        """Refuse to replace a file that no earlier pack wrote (a user's own ``train-000000.tar``)."""
+        for name in names:
+            if (self.out / name).exists() and name not in self.old_files:
+                raise PackError(f"--out {self.out} already holds {name}, which no index.json there lists; "
+                                f"move it away or choose another --out")  # fmt: skip
+
+    def commit(self, index: ShardIndex) -> None:
+        """Move the new shards and index into ``out`` and remove the files of the old pack no longer used."""
+        names = [s.file for split in index.splits.values() for s in split.shards]
+        self.check_names(names)
+        index.save(self.dir)
+        mode = _file_mode()
+        for name in names + [INDEX_NAME]:  # temporary files are private (0600); a dataset is shared
+            os.chmod(self.dir / name, mode)
+        # The old index goes first and the new one comes last: in between, the folder reads as an
+        # unfinished pack (a clear error on load) rather than an old index over new shards.
+        (self.out / INDEX_NAME).unlink(missing_ok=True)
+        for name in names:
+            os.replace(self.dir / name, self.out / name)
+        for name in sorted(set(self.old_files) - set(names)):
+            (self.out / name).unlink(missing_ok=True)
+        os.replace(self.dir / INDEX_NAME, self.out / INDEX_NAME)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        index.root = self.out
 
 
 # ----------------------------------------------------------------------------- built-in digits
@@ -144,8 +353,7 @@ def digits_images(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """
     from sklearn.datasets import load_digits
 
-    if resolution < 8:
-        raise ValueError(f"digits resolution must be >= 8 (the source is 8x8), got {resolution}")
+    _check_int("resolution", resolution, 8)  # the source is 8x8
     d = load_digits()
     x = torch.from_numpy(d.images).float().div(16.0).unsqueeze(1)  # (N,1,8,8) in [0,1]
     if resolution != 8:
@@ -167,77 +375,124 @@ def pack_digits(
 
     Args:
         out: Output folder for the shards and index.json.
-        resolution: Side length in pixels the 8x8 digits are upsampled to (bilinear).
+        resolution: Side length in pixels the 8x8 digits are upsampled to (bilinear; at least 8).
         shard_size: Samples per training shard.
         val_fraction: Share of samples held out for validation (rounded down to fill equal shards).
         val_shards: Number of equal-size validation shards (>= world_size x num_workers of any run).
         seed: Seed of the train/val split.
-        overwrite: Replace an existing pack in ``out``.
+        overwrite: Replace an existing pack in the output folder (only the files its index.json lists are removed).
     """
     opts = SplitOptions(shard_size, val_fraction, val_shards, seed)
-    img, labels = digits_images(resolution)
-    train_idx, val_idx = _plan_split(len(img), opts)
-    out = _prepare_out(out, overwrite)
+    opts.check()
+    _check_int("resolution", resolution, 8)
+    warn_tokenizer_sizes(resolution)
+    with _Stage(out, overwrite) as stage:
+        img, labels = digits_images(resolution)
+        order, n_val = _plan_split(len(img), opts)
+        stage.check_names(_expected_names(len(img), n_val, opts))
 
-    def load(i: int):
-        return Image.fromarray(img[i].permute(1, 2, 0).numpy(), mode="RGB"), int(labels[i])
+        def load(i: int):
+            return Image.fromarray(img[i].permute(1, 2, 0).numpy()), int(labels[i])
 
-    splits = {}
-    splits["train"], _ = _write_split(out, "train", train_idx.tolist(), load, shard_size, "pack digits/train")
-    splits["val"], _ = _write_split(out, "val", val_idx.tolist(), load, len(val_idx) // val_shards, "pack digits/val")
-    index = ShardIndex(
-        name="digits",
-        resolution=resolution,
-        classes=[str(c) for c in range(10)],
-        splits=splits,
-        source="sklearn.datasets.load_digits (UCI ML hand-written digits, CC BY 4.0)",
-        extra={"seed": seed},
-        root=out,
-    )
-    index.save(out)
+        splits = _write_splits(stage.dir, order, n_val, val_shards, shard_size, load, "pack digits")
+        index = ShardIndex(
+            name="digits",
+            resolution=resolution,
+            classes=[str(c) for c in range(10)],
+            splits=splits,
+            source="sklearn.datasets.load_digits (UCI ML hand-written digits, CC BY 4.0)",
+            extra={"seed": seed},
+        )
+        stage.commit(index)
     return index
 
 
 # ----------------------------------------------------------------------------- image folders
 
 
-def _list_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+def _walk_files(folder: Path, skipped: _Skipped) -> list[Path]:
+    """Files below ``folder``, sorted; hidden files and folders (.DS_Store, .git, ...) and broken links are skipped."""
+    files: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree would otherwise be walked forever
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        for d in sorted(d for d in dirnames if d.startswith(".")):
+            skipped.add(Path(dirpath) / d, "hidden folder")
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if name.startswith("."):
+                skipped.add(p, "hidden file")
+            elif not p.is_file():
+                skipped.add(p, "broken link or not a regular file")
+            else:
+                files.append(p)
+    return sorted(files)
 
 
-def scan_image_folder(src: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """Find ``(file, label)`` pairs: one subfolder per class, or a flat folder (one class, unconditional)."""
+def scan_image_folder(src: str | Path, skipped: _Skipped | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Candidate ``(file, class)`` pairs: one subfolder per class, or a flat folder (one class, unconditional)."""
     src = Path(src)
     if not src.exists():
-        raise FileNotFoundError(f"image folder {src} does not exist")
+        raise PackError(f"--src {src} does not exist")
     if not src.is_dir():
-        raise NotADirectoryError(f"{src} is not a folder")
-    subdirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    top_files = [p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")]
-    if subdirs and top_files:
-        raise ValueError(
-            f"{src} mixes files ({top_files[0].name}, ...) and class subfolders ({subdirs[0].name}, ...); "
-            f"use either a flat folder (unconditional) or one subfolder per class"
-        )
-    if subdirs:
-        classes = [d.name for d in subdirs]
-        files = [(f, c) for c, d in enumerate(subdirs) for f in _list_files(d)]
-    else:
-        classes = ["all"]
-        files = [(f, 0) for f in _list_files(src)]
-    if not files:
-        raise ValueError(f"image folder {src} is empty: no files found")
-    return files, classes
+        raise PackError(f"--src {src} is a file, not a folder of images")
+    skipped = skipped if skipped is not None else _Skipped(src)
+    entries = sorted(src.iterdir())
+    subdirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    if not subdirs:
+        return [(f, 0) for f in _walk_files(src, skipped)], ["all"]
+    for p in entries:
+        if p in subdirs:
+            continue
+        if p.name.startswith("."):
+            skipped.add(p, "hidden file or folder")
+        elif _unreadable(p) is not None:
+            skipped.add(p, "not an image, beside the class folders")  # a README.txt next to the classes
+        else:
+            raise PackError(
+                f"--src {src} mixes images ({p.name}, ...) and class subfolders ({subdirs[0].name}, ...); "
+                f"use either a flat folder (unconditional) or one subfolder per class"
+            )
+    return [(f, c) for c, d in enumerate(subdirs) for f in _walk_files(d, skipped)], [d.name for d in subdirs]
 
 
-def _open_image(path: Path, resolution: int) -> Image.Image | None:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return resize_center_crop(to_rgb(im), resolution)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        log.warning("skipping %s: not a readable image (%s)", path, e)
-        return None
+def _readable_images(src: Path, skip_empty_classes: bool, skipped: _Skipped
+                     ) -> tuple[list[tuple[Path, int]], list[str], list[str]]:  # fmt: skip
+    """The ``(file, class)`` pairs Pillow can open, the classes and the empty class folders left out.
+
+    An empty class folder is an error unless ``skip_empty_classes``: a class without samples would
+    still take a label and a row of the generator's class embedding.
+    """
+    candidates, classes = scan_image_folder(src, skipped)
+    if not candidates and not skipped.names:
+        raise PackError(f"--src {src} is empty: no files found")
+    readable: list[tuple[Path, int]] = []
+    for f, c in tqdm(candidates, desc="check images", unit="file", dynamic_ncols=True):
+        why = _unreadable(f)
+        if why is None:
+            readable.append((f, c))
+        else:
+            skipped.add(f, why)
+    if not readable:
+        raise PackError(f"no readable images in --src {src}: all {len(skipped.names)} files were skipped "
+                        f"(e.g. {', '.join(skipped.names[:3])})")  # fmt: skip
+    counts = Counter(c for _, c in readable)
+    empty = [classes[c] for c in range(len(classes)) if counts[c] == 0]
+    if empty:
+        if not skip_empty_classes:
+            raise PackError(f"class folder(s) {', '.join(empty)} in --src {src} hold no readable images; add "
+                            f"images, remove the folder(s), or pass --skip_empty_classes true to pack without them")
+        log.warning("skipping empty class folder(s) %s: they hold no readable images", ", ".join(empty))
+        kept = [c for c in range(len(classes)) if counts[c]]
+        renumber = {old: new for new, old in enumerate(kept)}
+        readable = [(f, renumber[c]) for f, c in readable]
+        classes = [classes[c] for c in kept]
+    return readable, classes, empty
 
 
 def pack_image_folder(
@@ -249,13 +504,13 @@ def pack_image_folder(
     val_fraction: float = 0.05,
     val_shards: int = 8,
     seed: int = 0,
+    skip_empty_classes: bool = False,
     overwrite: bool = False,
 ) -> ShardIndex:
     """Pack a folder of images into shards: flat (unconditional) or one subfolder per class.
 
-    Any PIL-readable format; RGBA, palette and grayscale images become RGB (transparency over
-    white); each image is resized (shorter side) and center-cropped to ``resolution``. Files that
-    are not images are skipped and counted.
+    Any Pillow-readable format becomes 8-bit RGB (see ``to_rgb``), resized (shorter side) and
+    center-cropped to ``resolution``. Hidden and non-image files are skipped and counted.
 
     Args:
         src: Image folder: files directly inside (one class) or one subfolder per class.
@@ -266,47 +521,50 @@ def pack_image_folder(
         val_fraction: Share of samples held out for validation (rounded down to fill equal shards).
         val_shards: Number of equal-size validation shards (>= world_size x num_workers of any run).
         seed: Seed of the train/val split.
-        overwrite: Replace an existing pack in ``out``.
+        skip_empty_classes: Leave out class folders without readable images (default: an error naming them).
+        overwrite: Replace an existing pack in the output folder (only the files its index.json lists are removed).
     """
     opts = SplitOptions(shard_size, val_fraction, val_shards, seed)
     opts.check()
-    files, classes = scan_image_folder(src)
-    # Decode once up front so unreadable files are dropped before the split: the val shards must be full.
-    readable: list[tuple[Path, int]] = []
-    skipped = 0
-    for f, c in tqdm(files, desc="check images", unit="file", dynamic_ncols=True):
-        try:
-            with Image.open(f) as im:
-                im.verify()
-            readable.append((f, c))
-        except Exception as e:  # PIL raises many types for a non-image; each is a skip, not a crash
-            log.warning("skipping %s: not a readable image (%s)", f, e)
-            skipped += 1
-    if not readable:
-        raise ValueError(f"no readable images in {src}: all {len(files)} files were skipped as non-images")
-    if skipped:
-        log.warning("skipped %d of %d files in %s that are not readable images", skipped, len(files), src)
-    train_idx, val_idx = _plan_split(len(readable), opts)
-    out = _prepare_out(out, overwrite)
+    _check_int("resolution", resolution, 1)
+    src, out = Path(src), Path(out)
+    if out.resolve().is_relative_to(src.resolve()):
+        raise PackError(f"--out {out} lies inside --src {src}; the pack would be read as images next time")
+    warn_tokenizer_sizes(resolution)
+    with _Stage(out, overwrite) as stage:
+        skipped = _Skipped(src)
+        readable, classes, empty_classes = _readable_images(src, skip_empty_classes, skipped)
+        order, n_val = _plan_split(len(readable), opts)
+        stage.check_names(_expected_names(len(readable), n_val, opts))
+        upscaled = 0
 
-    def load(i: int):
-        f, c = readable[i]
-        img = _open_image(f, resolution)
-        return None if img is None else (img, c)
+        def load(i: int):
+            nonlocal upscaled
+            f, c = readable[i]
+            try:
+                img, small = load_image(f, resolution)
+            except Exception as e:  # opened in the check but cannot be decoded (truncated data, odd mode)
+                skipped.add(f, f"cannot be decoded ({type(e).__name__}: {e})")
+                return None
+            upscaled += small
+            return img, c
 
-    splits = {}
-    splits["train"], s1 = _write_split(out, "train", train_idx.tolist(), load, shard_size, "pack train")
-    splits["val"], s2 = _write_split(out, "val", val_idx.tolist(), load, len(val_idx) // val_shards, "pack val")
-    if s2:
-        raise RuntimeError(f"{s2} validation images became unreadable while packing {src}; re-run the pack")
-    index = ShardIndex(
-        name=name or Path(src).resolve().name,
-        resolution=resolution,
-        classes=classes,
-        splits=splits,
-        source=str(Path(src).resolve()),
-        extra={"seed": seed, "skipped_files": skipped + s1},
-        root=out,
-    )
-    index.save(out)
+        splits = _write_splits(stage.dir, order, n_val, val_shards, shard_size, load, "pack")
+        if upscaled:
+            log.warning("%d images were smaller than %d px on their shorter side and were upscaled", upscaled,
+                        resolution)
+        extra = {"seed": seed, "skipped_files": len(skipped.names), "skipped_examples": skipped.names[:5]}
+        if empty_classes:
+            extra["skipped_classes"] = empty_classes
+        if upscaled:
+            extra["upscaled"] = upscaled
+        index = ShardIndex(
+            name=name or src.resolve().name,
+            resolution=resolution,
+            classes=classes,
+            splits=splits,
+            source=str(src.resolve()),
+            extra=extra,
+        )
+        stage.commit(index)
     return index
