@@ -20,11 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jsonargparse import CLI as ToolCLI
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from .callbacks.ema import EMA
 from .checkpoint_io import AtomicCheckpointIO
 from .data.datamodule import ShardDataModule
 from .data.index import ShardIndex
@@ -121,6 +123,9 @@ class SRDDCLI(LightningCLI):
         # last.ckpt is overwritten in place (no last-v1.ckpt when a resumed run changes checkpoint options).
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500,
                              "checkpoint.enable_version_counter": False})
+        # Every stage keeps an EMA of its weights (VAR keeps none: README "Differences from VAR"); validation,
+        # sample grids, FID and the loaders use it. `ema.decay: 0` makes it equal to the trained weights.
+        parser.add_lightning_class_args(EMA, "ema")
 
     # ---- run folder, resume and data-derived model arguments
     def _run_name(self, cfg) -> str:
@@ -139,7 +144,34 @@ class SRDDCLI(LightningCLI):
                     f"exists to resume from; give the checkpoint's path instead"
                 )
             cfg.ckpt_path = str(last)
+        if cfg.get("ckpt_path"):
+            self._check_resume(cfg)
         super()._parse_ckpt_path()
+
+    def _check_resume(self, cfg) -> None:
+        """Refuse to resume a checkpoint of another stage, or a generator with another tokenizer (naming both)."""
+        from .loading import CKPT_TOKENIZER_KEY, read_checkpoint, resolve_tokenizer_checkpoint, stage_class
+
+        file, ckpt = read_checkpoint(cfg.ckpt_path, "--ckpt_path")
+        theirs, ours = stage_class(ckpt), cfg.model.class_path if cfg.get("model") else None
+        if theirs is not None and ours is not None and theirs != ours:
+            raise ValueError(f"--ckpt_path {file} is a checkpoint of {theirs}, but the config trains {ours} "
+                             f"(model.class_path): resume a run of the same stage")  # fmt: skip
+        recorded = ckpt.get(CKPT_TOKENIZER_KEY) if isinstance(ckpt, dict) else None
+        given = (cfg.model.get("init_args") or {}).get("tokenizer_ckpt") if cfg.get("model") else None
+        if recorded and given:
+            given_file = resolve_tokenizer_checkpoint(given)
+            if given_file.resolve() != Path(recorded["abspath"]).resolve():
+                from .loading import load_tokenizer
+
+                _, info = load_tokenizer(given_file)
+                if info["fingerprint"] != recorded["fingerprint"]:
+                    raise ValueError(
+                        f"--ckpt_path {file} was trained with the tokenizer {recorded['path']} (weights "
+                        f"{recorded['fingerprint']}, vocab_size {recorded['vocab_size']}), but "
+                        f"model.init_args.tokenizer_ckpt={given} gives {given_file} (weights {info['fingerprint']}, "
+                        f"vocab_size {info['vocab_size']}); resume with the tokenizer the run was trained with"
+                    )
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -186,6 +218,16 @@ class SRDDCLI(LightningCLI):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.trainer.loggers:  # learning rates and throughput in every run's dashboard (need a logger)
+            from lightning.pytorch.callbacks import LearningRateMonitor
+
+            from .callbacks.throughput import Throughput
+
+            cbs = self.trainer.callbacks
+            have = {type(cb) for cb in cbs}
+            extra = [cb for cb in (LearningRateMonitor(logging_interval="step"), Throughput()) if type(cb) not in have]
+            at = next((i for i, cb in enumerate(cbs) if isinstance(cb, ModelCheckpoint)), len(cbs))
+            cbs[at:at] = extra  # before the checkpoint callbacks, which Lightning keeps last
 
 
 # ----------------------------------------------------------------------------- tools outside LightningCLI
@@ -256,7 +298,30 @@ def main(args: Sequence[str] | None = None) -> None:
         module, func = TOOLS[argv[0]][1].split(":")
         getattr(importlib.import_module(module), func)(argv[1:])
         return
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docs become --help text
+    if argv[0] in LIGHTNING_SUBCOMMANDS and {"-h", "--help"} & set(argv) and "--config" in argv:
+        _help_with_stage(argv)
     SRDDCLI(args=None if args is None else argv)
+
+
+def _help_with_stage(argv: list[str]) -> None:
+    """``srdd fit --config CFG --help``: LightningCLI's help, then the options of the stage CFG selects."""
+    import yaml
+
+    try:
+        SRDDCLI(args=argv)
+    except SystemExit:
+        pass
+    configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    class_path = None
+    for c in configs:
+        model = (yaml.safe_load(Path(c).read_text()) or {}).get("model") if Path(c).is_file() else None
+        if isinstance(model, dict) and model.get("class_path"):
+            class_path = model["class_path"]
+    if class_path is not None:
+        print(f"\nOptions of the stage this config trains (model.class_path: {class_path}):\n")
+        SRDDCLI(args=[argv[0], "--model.help", class_path])
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,25 @@
-"""Find and load trained stages by path: a checkpoint file or a run folder (``runs/<name>[/version_k]``).
+"""Find and load trained stages by path: one reader for every stage's checkpoint file or run folder.
 
     resolve_checkpoint("runs/digits/tokenizer")   # -> runs/digits/tokenizer/version_<newest>/checkpoints/last.ckpt
     tokenizer, info = load_tokenizer("runs/digits/tokenizer")          # frozen, EMA weights when present
     module = load_generator("runs/digits/srdd")                        # SRDDModule, EMA weights, eval mode
+    module = load_stage("runs/digits/policy")                          # any stage, by the class it records
 
-The tokenizer is either a ``TokenizerModule`` checkpoint (``hyper_parameters.preset`` / ``overrides``,
-weights under ``state_dict["tokenizer.*"]``, EMA shadows under ``state_dict["ema.shadow__*"]``) or VAR's
-released ``vae_ch160v4096z32.pth``. Nothing is downloaded.
+Every file is read by :func:`read_checkpoint` with ``torch.load(weights_only=True)``: a checkpoint that
+needs pickle (which can run code) is refused with an error naming the file and the explicit opt-in
+(``allow_pickle=True``, ``--allow_pickle true``). Weights follow one format (:func:`stage_state`, written by
+``callbacks.ema.EMA``): ``state_dict`` holds the EMA weights when the run had an EMA, ``current_model_state``
+the trained ones. Stages record their class under ``srdd_stage``. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,14 +27,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from srdd_lightning.models.tokenizer import MultiScaleTokenizer, build_tokenizer
+from srdd_lightning.models.tokenizer import MultiScaleTokenizer, TokenizerConfig
 
 TOKENIZER_OPTION = "model.init_args.tokenizer_ckpt"
+STAGE_KEY = "srdd_stage"  # the class path of the LightningModule that wrote a checkpoint
+CKPT_TOKENIZER_KEY = "srdd_tokenizer"  # where a generator checkpoint records its tokenizer (path, fingerprint)
+CURRENT_KEY = "current_model_state"  # the trained weights when state_dict holds the EMA (Lightning's format)
+PICKLE_OPTION = "allow_pickle"
 _VERSION = re.compile(r"version_(\d+)")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked (unreadable, truncated, another stage): the message says why."""
+
+
 # --------------------------------------------------------------------------------------------
-# Paths
+# Paths and reading
 # --------------------------------------------------------------------------------------------
 
 
@@ -68,12 +81,95 @@ def resolve_checkpoint(path: str | os.PathLike, option: str | None = None) -> Pa
     )
 
 
-def _torch_load(path: Path) -> Any:
-    """Plain tensors load with ``weights_only=True``; our Lightning checkpoints may pickle richer hyperparameters."""
+def read_checkpoint(
+    path: str | os.PathLike, option: str | None = None, allow_pickle: bool = False
+) -> tuple[Path, Any]:
+    """Resolve ``path`` (file or run folder) and load it on the CPU with ``weights_only=True``.
+
+    Errors name the file (and ``option``): missing, truncated, not a checkpoint at all, or needing pickle —
+    the last only loads with ``allow_pickle=True``, which runs the file's code: use it for files you trust.
+    """
+    file = resolve_checkpoint(path, option)
+    where = f" ({option})" if option else ""
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"{file}{where} is empty (0 bytes): an interrupted copy or save; use another checkpoint")
+    with open(file, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] != b"PK" and magic[:1] != b"\x80":  # torch.save writes a zip archive (or, legacy, a pickle)
+        raise CheckpointError(f"{file}{where} is not a PyTorch checkpoint (it starts with {magic!r}); give a .ckpt/.pth file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return file, torch.load(file, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as e:
+        if allow_pickle or "GLOBAL" not in str(e).upper():
+            raise CheckpointError(f"{file}{where} is not a readable checkpoint: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"{file}{where} holds Python objects that only load with pickle, which can run code from the file; "
+            f"if you trust it, load it with {PICKLE_OPTION}=True (--{PICKLE_OPTION} true)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        msg = str(e)
+        if any(s in msg for s in ("failed finding central directory", "unexpected EOF", "corrupted", "truncated")) \
+                or isinstance(e, EOFError):
+            raise CheckpointError(f"{file}{where} is truncated or corrupt ({msg.splitlines()[0]}); use another checkpoint") from None
+        raise CheckpointError(f"{file}{where} is not a PyTorch checkpoint ({msg.splitlines()[0] if msg else type(e).__name__})") from None
+
+
+def stage_state(ckpt: Mapping[str, Any], prefix: str = "", ema: bool = True) -> dict[str, torch.Tensor]:
+    """The weights of a stage checkpoint under ``prefix`` (stripped): the EMA ones (``state_dict``) when ``ema``
+    and the run had an EMA, else the trained ones (``current_model_state`` if present, else ``state_dict``)."""
+    sd = ckpt["state_dict"] if ema or CURRENT_KEY not in ckpt else ckpt[CURRENT_KEY]
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def has_ema(ckpt: Mapping[str, Any]) -> bool:
+    """Whether ``state_dict`` holds EMA weights (the run had ``callbacks.ema.EMA``)."""
+    return CURRENT_KEY in ckpt
+
+
+def stage_class(ckpt: Mapping[str, Any]) -> str | None:
+    """The class path a checkpoint's stage recorded (or LightningCLI's ``_class_path``), None if neither."""
+    if not isinstance(ckpt, Mapping):
+        return None
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt.get("hyper_parameters"), Mapping) else {}
+    return ckpt.get(STAGE_KEY) or hp.get("_class_path")
+
+
+def _stage_hparams(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    return {k: v for k, v in hp.items() if not k.startswith("_")}
+
+
+def load_stage(
+    path: str | os.PathLike, expect: type | None = None, ema: bool = True, allow_pickle: bool = False,
+    option: str = "--ckpt", **init_overrides,
+):
+    """Any stage (a LightningModule of this package) from its checkpoint or run folder, in eval mode, no gradients.
+
+    The class is the one the checkpoint records; ``expect`` checks it (an error names both). ``init_overrides``
+    replace constructor arguments (e.g. ``tokenizer_ckpt`` after moving files). EMA weights unless ``ema=False``.
+    """
+    file, ckpt = read_checkpoint(path, option, allow_pickle)
+    return _build_stage(file, ckpt, expect, ema, option, init_overrides)
+
+
+def _build_stage(file: Path, ckpt: Any, expect: type | None, ema: bool, option: str, init_overrides: dict):
+    cls_path = stage_class(ckpt)
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt or cls_path is None:
+        raise CheckpointError(f"{file} ({option}) is not a checkpoint of an srdd stage (no state_dict / stage class)")
+    module_name, _, name = cls_path.rpartition(".")
+    if not module_name.startswith("srdd_lightning."):  # never import arbitrary modules named by a file
+        raise CheckpointError(f"{file} ({option}) was written by {cls_path}, not by an srdd_lightning stage")
+    cls = getattr(importlib.import_module(module_name), name)
+    if expect is not None and not issubclass(cls, expect):
+        raise CheckpointError(f"{file} ({option}) is a {name} checkpoint, but a {expect.__name__} checkpoint is needed")
+    module = cls(**{**_stage_hparams(ckpt), **init_overrides})
+    module.load_state_dict(stage_state(ckpt, ema=ema), strict=True)
+    check = getattr(module, "check_checkpoint", None)
+    if check is not None:
+        check(ckpt)
+    module.loaded_with_ema = ema and has_ema(ckpt)
+    module.checkpoint_path = str(file)
+    return module.eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,11 +178,11 @@ def _torch_load(path: Path) -> Any:
 
 
 def is_tokenizer_module_checkpoint(ckpt: Any) -> bool:
-    """A ``TokenizerModule`` checkpoint: hyper_parameters with a ``preset`` and ``tokenizer.*`` weights."""
+    """A ``TokenizerModule`` checkpoint: its hyper_parameters hold the tokenizer's config, weights ``tokenizer.*``."""
     return (
         isinstance(ckpt, Mapping)
         and isinstance(ckpt.get("hyper_parameters"), Mapping)
-        and "preset" in ckpt["hyper_parameters"]
+        and isinstance(ckpt["hyper_parameters"].get("tokenizer"), Mapping)
         and isinstance(ckpt.get("state_dict"), Mapping)
         and any(k.startswith("tokenizer.") for k in ckpt["state_dict"])
     )
@@ -94,28 +190,6 @@ def is_tokenizer_module_checkpoint(ckpt: Any) -> bool:
 
 def _is_var_vae_state_dict(sd: Any) -> bool:
     return isinstance(sd, Mapping) and "quantize.embedding.weight" in sd and any(k.startswith("decoder.") for k in sd)
-
-
-def _ema_key(name: str) -> str:
-    return "ema.shadow__" + name.replace(".", "__")
-
-
-def tokenizer_state_from_module_checkpoint(
-    state_dict: Mapping[str, torch.Tensor], tokenizer: nn.Module, ema: bool = True
-) -> tuple[dict[str, torch.Tensor], int]:
-    """The tokenizer's weights from a TokenizerModule state dict, EMA shadows replacing the raw parameters
-    where present (shadows named after the tokenizer's own parameter names, or with a ``tokenizer.`` prefix).
-    Returns the state dict and how many parameters came from the EMA."""
-    state = {k[len("tokenizer.") :]: v for k, v in state_dict.items() if k.startswith("tokenizer.")}
-    used = 0
-    if ema:
-        for name, _ in tokenizer.named_parameters():
-            for key in (_ema_key(name), _ema_key("tokenizer." + name)):
-                if key in state_dict:
-                    state[name] = state_dict[key]
-                    used += 1
-                    break
-    return state, used
 
 
 def resolve_tokenizer_checkpoint(path: str | os.PathLike, option: str = TOKENIZER_OPTION) -> Path:
@@ -133,41 +207,36 @@ def resolve_tokenizer_checkpoint(path: str | os.PathLike, option: str = TOKENIZE
 
 
 def load_tokenizer(
-    path: str | os.PathLike, ema: bool = True, option: str = TOKENIZER_OPTION
+    path: str | os.PathLike, ema: bool = True, option: str = TOKENIZER_OPTION, allow_pickle: bool = False
 ) -> tuple[MultiScaleTokenizer, dict[str, Any]]:
     """A frozen tokenizer (eval mode, no gradients) from a TokenizerModule checkpoint / run folder or VAR's VQVAE file.
 
     ``info`` records where it came from: ``path`` (the resolved file), ``kind`` (``tokenizer_module`` or
-    ``var_vae``), ``preset``/``overrides``, ``ema`` (EMA weights used), sizes, and ``fingerprint``.
+    ``var_vae``), ``config`` (the TokenizerConfig fields), ``ema`` (EMA weights used), sizes, and ``fingerprint``.
     """
-    file = resolve_tokenizer_checkpoint(path, option)
-    ckpt = _torch_load(file)
+    resolve_tokenizer_checkpoint(path, option)
+    file, ckpt = read_checkpoint(path, option, allow_pickle)
     info: dict[str, Any] = {"path": str(file), "given": os.fspath(path)}
     if is_tokenizer_module_checkpoint(ckpt):
-        hp = ckpt["hyper_parameters"]
-        overrides = dict(hp.get("overrides") or {})
-        tokenizer = build_tokenizer(hp["preset"], **overrides)
-        state, used = tokenizer_state_from_module_checkpoint(ckpt["state_dict"], tokenizer, ema)
+        config = dict(ckpt["hyper_parameters"]["tokenizer"])
         try:
-            tokenizer.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ValueError(
-                f"{file}: the tokenizer weights do not fit preset {hp['preset']!r} with overrides {overrides}: {e}"
-            ) from e
-        n_params = sum(1 for _ in tokenizer.parameters())
-        info.update(kind="tokenizer_module", preset=hp["preset"], overrides=overrides, ema=used == n_params and used > 0,
-                    ema_params=used, global_step=ckpt.get("global_step"))  # fmt: skip
+            tokenizer = MultiScaleTokenizer(TokenizerConfig(**config))
+            tokenizer.load_state_dict(stage_state(ckpt, "tokenizer.", ema), strict=True)
+        except (TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{file} ({option}): its tokenizer weights do not fit its recorded config {config}: {e}") from e
+        info.update(kind="tokenizer_module", config=config, ema=ema and has_ema(ckpt), global_step=ckpt.get("global_step"))
     elif _is_var_vae_state_dict(ckpt):
         from srdd_lightning.models import var_import
 
         tokenizer = var_import.load_var_vae(ckpt, option=option)
-        info.update(kind="var_vae", preset="var-vae-f16", overrides={}, ema=False, ema_params=0)
+        info.update(kind="var_vae", config={"preset": "var-vae-f16"}, ema=False)
     else:
-        keys = list(ckpt)[:6] if isinstance(ckpt, Mapping) else type(ckpt).__name__
-        raise ValueError(
-            f"{file} (given as {option}={os.fspath(path)!r}) is neither a TokenizerModule checkpoint "
-            f"(hyper_parameters.preset + state_dict 'tokenizer.*') nor VAR's vae_ch160v4096z32.pth state dict; "
-            f"it holds {keys}"
+        what = stage_class(ckpt)
+        held = f"a {what.rsplit('.', 1)[-1]} checkpoint" if what else (
+            f"keys {list(ckpt)[:6]}" if isinstance(ckpt, Mapping) else type(ckpt).__name__)
+        raise CheckpointError(
+            f"{file} (given as {option}={os.fspath(path)!r}) is neither a TokenizerModule checkpoint nor VAR's "
+            f"vae_ch160v4096z32.pth state dict; it holds {held}"
         )
     tokenizer.eval().requires_grad_(False)
     info.update(vocab_size=tokenizer.vocab_size, latent_dim=tokenizer.latent_dim, patch_nums=list(tokenizer.patch_nums),
@@ -195,28 +264,26 @@ def load_generator(
     ema: bool = True,
     tokenizer_ckpt: str | os.PathLike | None = None,
     map_location: str | torch.device = "cpu",
+    allow_pickle: bool = False,
 ):
-    """An ``SRDDModule`` from a checkpoint or run folder, in eval mode without gradients, for sampling and evaluation.
+    """An ``SRDDModule`` (or a subclass) from a checkpoint or run folder, in eval mode without gradients.
 
-    ``ema=True`` copies the EMA weights into ``module.generator``. The tokenizer is reloaded from the file
-    recorded at training time (``tokenizer_ckpt`` overrides it, e.g. after moving the project folder).
+    ``ema=True`` loads the EMA weights. The tokenizer is reloaded from the file recorded at training time
+    (``tokenizer_ckpt`` overrides it, e.g. after moving the project folder); its fingerprint must match.
     Use ``module.generator``, ``module.tokenizer`` and ``module.hparams``.
     """
-    from srdd_lightning.stages.generator import CKPT_TOKENIZER_KEY, SRDDModule
-
-    file = resolve_checkpoint(path, "--ckpt")
-    ckpt = _torch_load(file)
+    file, ckpt = read_checkpoint(path, "--ckpt", allow_pickle)
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, Mapping) else None
-    if not isinstance(hp, Mapping) or "tokenizer_ckpt" not in hp or "generator" not in hp:
-        raise ValueError(f"{file} is not an SRDDModule checkpoint (its hyper_parameters lack tokenizer_ckpt/generator)")
+    if not isinstance(hp, Mapping) or "tokenizer_ckpt" not in hp:
+        what = stage_class(ckpt)
+        held = f"a {what.rsplit('.', 1)[-1]} checkpoint" if what else "no generator hyper_parameters"
+        raise CheckpointError(f"{file} (--ckpt) is not a generator (SRDDModule) checkpoint: it is {held}")
     if tokenizer_ckpt is None:
         tokenizer_ckpt = _recorded_tokenizer(hp, ckpt.get(CKPT_TOKENIZER_KEY) or {}, file)
-    module = SRDDModule.load_from_checkpoint(file, map_location=map_location, tokenizer_ckpt=os.fspath(tokenizer_ckpt))
-    if ema:
-        module.ema.copy_to(module.generator)
-    module.loaded_with_ema = ema
-    module.checkpoint_path = str(file)
-    return module.eval().requires_grad_(False)
+    from srdd_lightning.stages.generator import SRDDModule  # the stage is the caller's import, not loading's
+
+    module = _build_stage(file, ckpt, SRDDModule, ema, "--ckpt", {"tokenizer_ckpt": os.fspath(tokenizer_ckpt)})
+    return module.to(map_location)
 
 
 def _recorded_tokenizer(hp: Mapping, recorded: Mapping, ckpt_file: Path) -> str:
@@ -236,11 +303,19 @@ def _recorded_tokenizer(hp: Mapping, recorded: Mapping, ckpt_file: Path) -> str:
 
 
 __all__ = [
+    "CKPT_TOKENIZER_KEY",
+    "CURRENT_KEY",
+    "CheckpointError",
+    "STAGE_KEY",
     "TOKENIZER_OPTION",
     "fingerprint",
+    "has_ema",
     "is_tokenizer_module_checkpoint",
     "load_generator",
+    "load_stage",
     "load_tokenizer",
+    "read_checkpoint",
     "resolve_checkpoint",
-    "tokenizer_state_from_module_checkpoint",
+    "stage_class",
+    "stage_state",
 ]

@@ -7,27 +7,28 @@ is the per-token cross-entropy with each token weighted 1/L:
     loss = mean_b  sum_l (1/L) · CE(logits_bl, r_bl)          (the Markov chain's ELBO, DESIGN §2.2)
 
 AdamW (no decay on biases, norms, embeddings, temperatures), linear warmup then VAR's ``lin0`` decay,
-gradient clipping, label dropout to the null class (classifier-free guidance), and an EMA of the
-generator that validation and sample grids use.
+gradient clipping, label dropout to the null class (classifier-free guidance). The EMA is the ``ema``
+callback (``callbacks.ema``); validation, sample grids and FID use it.
 
 The tokenizer is a frozen submodule (moved with the module, never trained) but it is *not* saved in the
 generator's checkpoints: it is reloaded from ``tokenizer_ckpt``, whose resolved file and weight
 fingerprint the checkpoint records, so a generator cannot silently meet a different tokenizer.
 
-Strategies: DDP (every generator parameter is used: no ``find_unused_parameters``; the EMA and tokenizer
-buffers are not re-broadcast each step), bf16-mixed, and FSDP with one unit per transformer block through
-:class:`srdd_lightning.strategies.GeneratorFSDP` (``auto_wrap_policy={AdaLNBlock}``, fp32 master weights,
-bf16 compute under autocast). The embeddings and the head stay in the root unit. The tokenizer and the EMA
-are FSDP ``ignored_modules`` (set by :meth:`SRDDModule.setup`), gradient clipping uses the root's
-``clip_grad_norm_`` and the EMA reads the gathered full parameters. The model is built in ``__init__`` (no
-``configure_model``): VAR-d16..d30 fit in host memory, and FSDP shards them when it wraps.
+Randomness of a training step (label dropout, drop-path) comes from one CPU generator owned by the module,
+seeded per micro-batch from (run seed, rank, optimizer step, batch index): micro-batches of one optimizer step
+draw different masks, and a resumed run draws exactly what the uninterrupted one would have.
+
+Strategies: DDP (every generator parameter is used: no ``find_unused_parameters``; the tokenizer is not
+re-broadcast each step), bf16-mixed, and FSDP with one unit per transformer block through
+:class:`srdd_lightning.strategies.GeneratorFSDP` (fp32 master weights, bf16 compute under autocast; the
+tokenizer is an FSDP ``ignored_module``, the EMA is ``callbacks.ema.ShardedEMA``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srdd_lightning.loading import load_tokenizer, resolve_tokenizer_checkpoint
-from srdd_lightning.models.ema import EMA
+from srdd_lightning.callbacks.ema import ema_weights
+from srdd_lightning.loading import CKPT_TOKENIZER_KEY, STAGE_KEY, load_tokenizer, resolve_tokenizer_checkpoint
 from srdd_lightning.models.scales import flatten_tokens, scale_slices, subset_indices
-from srdd_lightning.models.transformer import VARTransformer, generator_config
+from srdd_lightning.models.transformer import InitConfig, VARTransformer, generator_config
+from srdd_lightning.utils.seeding import mix_seed
 
-# Where a checkpoint records which tokenizer the generator was trained with.
-CKPT_TOKENIZER_KEY = "srdd_tokenizer"
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -55,15 +55,77 @@ def _clean(name: str) -> str:
     return name
 
 
-class _CleanNames:
-    """A module's ``named_parameters`` under their unwrapped names (what :class:`EMA` keys its shadows by)."""
+# --------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
 
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for n, p in self.module.named_parameters():
-            yield _clean(n), p
+@dataclass
+class GeneratorArch:
+    """Changes to the generator preset's architecture; null keeps the preset's value."""
+
+    depth: int | None = None
+    """Number of transformer blocks."""
+    width: int | None = None
+    """Model width C (VAR: 64·depth)."""
+    num_heads: int | None = None
+    """Attention heads (VAR: depth)."""
+    mlp_ratio: float | None = None
+    """MLP hidden width / width (VAR: 4)."""
+    drop_path: float | None = None
+    """Stochastic-depth rate of the last block, linear from 0 over blocks (VAR: 0.1·depth/24)."""
+    attn_l2_norm: bool | None = None
+    """Cosine attention with a learned per-head temperature (VAR: true)."""
+    init_std: float | None = None
+    """Trunc-normal std of the weights (VAR: sqrt(1/(3·width)))."""
+    init_head: float | None = None
+    """Multiplier on the output head's initial weight (VAR's --hd: 0.02)."""
+    init_adaln: float | None = None
+    """Multiplier on the AdaLN scale/shift rows (VAR's --aln: 0.5)."""
+    init_adaln_gate: float | None = None
+    """Multiplier on the AdaLN gate rows (VAR's --alng: 1e-5; its README uses 1e-3 for d16/d20)."""
+
+    def apply(self, preset: str, **fields) -> Any:
+        """The preset's GeneratorConfig with these changes and ``fields`` (sizes from the tokenizer and data)."""
+        base = generator_config(preset, **fields)
+        arch = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and not k.startswith("init_")}
+        init = {k[len("init_"):]: v for k, v in dataclasses.asdict(self).items() if v is not None and k.startswith("init_")}
+        return dataclasses.replace(base, **arch, init=dataclasses.replace(base.init or InitConfig(), **init))
+
+
+@dataclass
+class GeneratorOptim:
+    """AdamW and the learning-rate schedule of the generator."""
+
+    lr: float = 1e-4
+    """Peak learning rate for the configured global batch (data.batch_size); VAR's rule: 1e-4 · global_batch / 256."""
+    weight_decay: float = 0.05
+    """AdamW weight decay on weight matrices (none on biases, norms, embeddings, temperatures)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (VAR: 0.9, 0.95)."""
+    warmup_steps: int = 0
+    """Linear warmup from 0.005 × lr to lr over this many optimizer steps."""
+    decay_to: float = 0.1
+    """After warmup and a hold of 5 % of the remaining steps, decay linearly to decay_to × lr at trainer.max_steps
+    (VAR's lin0; VAR uses 0.1 for d16/d20, 0.01 for d24/d30)."""
+    grad_clip: float | None = 2.0
+    """Clip the global gradient norm to this (null: no clipping; the norm is still logged). Not trainer.gradient_clip_val."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        for name, ok in (("lr", self.lr > 0), ("weight_decay", self.weight_decay >= 0),
+                         ("warmup_steps", self.warmup_steps >= 0), ("decay_to", 0 <= self.decay_to <= 1),
+                         ("grad_clip", self.grad_clip is None or self.grad_clip > 0),
+                         ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas))):  # fmt: skip
+            if not ok:
+                raise ValueError(f"model.init_args.optim.{name}={getattr(self, name)} is out of range")
+
+
+def _typed(cls, value):
+    """A dataclass option given as a dict (a checkpoint's hyper_parameters, plain Python) or an instance."""
+    if isinstance(value, cls):
+        return value
+    return cls(**(value or {}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,8 +185,8 @@ class SRDDModule(pl.LightningModule):
             ``version_*/checkpoints/last.ckpt``) or file, or VAR's ``vae_ch160v4096z32.pth``. The resolved
             file is recorded, and the generator's checkpoints do not contain the tokenizer.
         generator: Generator preset (``tiny``, ``small``, ``var-d16``, ``var-d20``, ``var-d24``, ``var-d30``).
-        generator_overrides: GeneratorConfig fields changing the preset (e.g. ``{depth: 4, width: 256}``).
-            vocab_size, latent_dim and patch_nums are taken from the tokenizer; giving different ones is an error.
+        architecture: Changes to the preset's architecture (depth, width, heads, drop path, init). The codebook
+            size, latent dim and scales come from the tokenizer, the classes from the data.
         attn: Attention mask: ``markov`` (SRDD: each scale attends to itself), ``causal`` (VAR: scales <= own),
             ``markov_prev`` (own and previous scale, an ablation).
         num_classes: Real classes (the null class is added by the generator); filled from the data by the CLI.
@@ -132,20 +194,12 @@ class SRDDModule(pl.LightningModule):
         schedule: Train a fewer-scale model on this subset of the tokenizer's patch_nums (ending at its last
             scale), e.g. ``[1, 3, 5, 8, 13, 16]``; ground-truth tokens are re-quantized on it. None: all scales.
         cond_drop: Probability of replacing a label by the null class in training (classifier-free guidance).
-        lr: Peak learning rate for the configured *global* batch (``data.batch_size``), not rescaled
-            automatically. VAR's rule: 1e-4 · global_batch / 256.
-        weight_decay: AdamW weight decay on weight matrices (none on biases, norms, embeddings, temperatures).
-        betas: AdamW betas (VAR: 0.9, 0.95).
-        warmup_steps: Linear warmup from 0.005 × lr to lr over this many optimizer steps.
-        decay_to: After warmup and a hold of 5 % of the remaining steps, decay linearly to decay_to × lr at
-            trainer.max_steps (VAR's ``lin0``; VAR uses 0.1 for d16/d20, 0.01 for d24/d30).
-        grad_clip: Clip the global gradient norm to this (None: no clipping, the norm is still logged).
-            Use this instead of trainer.gradient_clip_val.
         label_smoothing: Label smoothing of the cross-entropy (VAR: 0).
-        ema_decay: Decay of the generator's EMA (ramped up over the first updates); validation and sample
-            grids use the EMA weights.
+        optim: AdamW, learning-rate schedule and gradient clipping.
         tokenizer_ema: Load the tokenizer's EMA weights when its checkpoint has them.
     """
+
+    frozen_submodules = ("tokenizer",)  # the EMA callback shares it instead of averaging a copy
 
     @staticmethod
     def check_init_args(init_args: dict) -> None:
@@ -156,31 +210,27 @@ class SRDDModule(pl.LightningModule):
         self,
         tokenizer_ckpt: str,
         generator: str = "tiny",
-        generator_overrides: dict[str, Any] | None = None,
+        architecture: GeneratorArch = GeneratorArch(),
         attn: Literal["markov", "causal", "markov_prev"] = "markov",
         num_classes: int | None = None,
         image_size: int | None = None,
         schedule: list[int] | None = None,
         cond_drop: float = 0.1,
-        lr: float = 1e-4,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 0,
-        decay_to: float = 0.1,
-        grad_clip: float | None = 2.0,
         label_smoothing: float = 0.0,
-        ema_decay: float = 0.9999,
+        optim: GeneratorOptim = GeneratorOptim(),
         tokenizer_ema: bool = True,
     ):
         super().__init__()
+        architecture, optim = _typed(GeneratorArch, architecture), _typed(GeneratorOptim, optim)
         self.save_hyperparameters()
-        for name, value, ok in (("lr", lr, lr > 0), ("weight_decay", weight_decay, weight_decay >= 0),
-                                ("warmup_steps", warmup_steps, warmup_steps >= 0),
-                                ("decay_to", decay_to, 0 <= decay_to <= 1),
-                                ("label_smoothing", label_smoothing, 0 <= label_smoothing < 1),
-                                ("grad_clip", grad_clip, grad_clip is None or grad_clip > 0)):  # fmt: skip
-            if not ok:
-                raise ValueError(f"model.init_args.{name}={value} is out of range")
+        # plain values in the checkpoint, so it loads with weights_only=True
+        self.hparams.architecture, self.hparams.optim = dataclasses.asdict(architecture), dataclasses.asdict(optim)
+        self.optim = optim
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"model.init_args.label_smoothing={label_smoothing} must lie in [0, 1)")
+        if num_classes is None:
+            raise ValueError("model.init_args.num_classes is unset: the CLI fills it from the data index; "
+                             "give it when building SRDDModule yourself")  # fmt: skip
 
         # ---- the frozen tokenizer (pinned to the resolved file, so a resume cannot pick a newer one)
         tokenizer, info = load_tokenizer(tokenizer_ckpt, ema=tokenizer_ema)
@@ -194,57 +244,23 @@ class SRDDModule(pl.LightningModule):
             )
 
         # ---- the generator, sized by the tokenizer
-        cfg = generator_config(generator, **self._generator_fields(generator_overrides, attn, cond_drop, num_classes,
-                                                                   schedule, info))  # fmt: skip
-        self.generator = VARTransformer(cfg)
-        self.patch_nums: tuple[int, ...] = tuple(self.generator.patch_nums)
-        self.ema = EMA(self.generator, decay=ema_decay)
-        self.no_decay_names = self.generator.no_weight_decay_names()  # unwrapped names, fixed before any wrapping
-        self.register_load_state_dict_post_hook(_ignore_missing_tokenizer_keys)
-        self._ema_ctx: contextlib.ExitStack | None = None
-        self._val_hits_V: torch.Tensor | None = None
-
-    def _generator_fields(self, overrides, attn, cond_drop, num_classes, schedule, info) -> dict[str, Any]:
-        """GeneratorConfig fields: overrides + mask + classes + what the tokenizer defines, checked for conflicts."""
-        fields = dict(overrides or {})
-        tok = f"the tokenizer {info['path']} (model.init_args.tokenizer_ckpt)"
-        for key, value in (("attn", attn), ("cond_drop", cond_drop)):
-            if key in fields and fields[key] != value:
-                raise ValueError(f"model.init_args.generator_overrides.{key}={fields[key]} disagrees with "
-                                 f"model.init_args.{key}={value}; set only model.init_args.{key}")
-            fields[key] = value
-        if num_classes is None:
-            if "num_classes" not in fields:
-                raise ValueError("model.init_args.num_classes is unset: the CLI fills it from the data index; "
-                                 "give it when building SRDDModule yourself")
-        elif fields.get("num_classes", num_classes) != num_classes:
-            raise ValueError(f"model.init_args.generator_overrides.num_classes={fields['num_classes']} disagrees with "
-                             f"model.init_args.num_classes={num_classes} (from the data)")
-        else:
-            fields["num_classes"] = num_classes
-        for key in ("vocab_size", "latent_dim"):
-            theirs = info[key]
-            if key in fields and int(fields[key]) != theirs:
-                raise ValueError(
-                    f"generator {key}={fields[key]} (model.init_args.generator_overrides.{key}) disagrees with {tok}, "
-                    f"which has {key}={theirs}; remove the override to take it from the tokenizer, or point "
-                    f"model.init_args.tokenizer_ckpt at a tokenizer with {key}={fields[key]}"
-                )
-            fields[key] = theirs
         tok_pns = tuple(info["patch_nums"])
-        if schedule is not None and "patch_nums" in fields and tuple(fields["patch_nums"]) != tuple(schedule):
-            raise ValueError(f"model.init_args.generator_overrides.patch_nums={list(fields['patch_nums'])} disagrees with "
-                             f"model.init_args.schedule={list(schedule)}; set only model.init_args.schedule")
-        pns = tuple(schedule if schedule is not None else fields.get("patch_nums", tok_pns))
+        pns = tuple(schedule) if schedule is not None else tok_pns
         try:
             subset_indices(pns, tok_pns)
         except ValueError as e:
-            raise ValueError(
-                f"generator patch_nums {list(pns)} (model.init_args.schedule / generator_overrides.patch_nums) do not fit "
-                f"{tok}, whose patch_nums are {list(tok_pns)}: {e}"
-            ) from None
-        fields["patch_nums"] = pns
-        return fields
+            raise ValueError(f"model.init_args.schedule {list(pns)} does not fit the tokenizer {info['path']} "
+                             f"(model.init_args.tokenizer_ckpt), whose patch_nums are {list(tok_pns)}: {e}") from None  # fmt: skip
+        cfg = architecture.apply(generator, attn=attn, cond_drop=cond_drop, num_classes=num_classes,
+                                 vocab_size=info["vocab_size"], latent_dim=info["latent_dim"], patch_nums=pns)  # fmt: skip
+        self.generator = VARTransformer(cfg)
+        self.patch_nums: tuple[int, ...] = tuple(self.generator.patch_nums)
+        self.no_decay_names = self.generator.no_weight_decay_names()  # unwrapped names, fixed before any wrapping
+        self.register_load_state_dict_post_hook(_ignore_missing_tokenizer_keys)
+        self.rng = torch.Generator()  # the training step's randomness (reseeded per micro-batch, see the docstring)
+        self._run_seed = torch.initial_seed()  # what seed_everything set before the CLI built the module
+        self._val_hits_V: torch.Tensor | None = None
+        self.flops_per_batch: int | None = None  # read by callbacks.Throughput (FLOPs/s, MFU); set per step
 
     # ---- frozen tokenizer stays frozen and in eval mode --------------------------------------------
 
@@ -253,12 +269,11 @@ class SRDDModule(pl.LightningModule):
         self.tokenizer.eval()
         return self
 
-    def _aux_to_device(self) -> None:
-        """Under FSDP the tokenizer and the EMA are ignored modules, which FSDP does not move."""
-        for m in (self.tokenizer, self.ema):
-            t = next(m.buffers(), None) if m is self.ema else next(m.parameters(), None)
-            if t is not None and t.device != self.device:
-                m.to(self.device)
+    def _tokenizer_to_device(self) -> None:
+        """Under FSDP the tokenizer is an ignored module, which FSDP does not move."""
+        t = next(self.tokenizer.parameters(), None)
+        if t is not None and t.device != self.device:
+            self.tokenizer.to(self.device)
 
     @torch.no_grad()
     def tokens_and_inputs(self, img_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,120 +293,92 @@ class SRDDModule(pl.LightningModule):
         model = self.trainer.strategy.model
         return model if isinstance(model, FullyShardedDataParallel) else None
 
-    def _full_params(self, writeback: bool):
-        """Gathered full parameters under FSDP (a collective: every rank must call it); a no-op otherwise."""
-        root = self._fsdp_root()
-        if root is None:
-            return contextlib.nullcontext()
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        return FullyShardedDataParallel.summon_full_params(root, writeback=writeback, recurse=True)
-
     def setup(self, stage: str) -> None:
         from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
         strategy = self.trainer.strategy
         if isinstance(strategy, FSDPStrategy):
             ignored = list(strategy.kwargs.get("ignored_modules") or [])
-            strategy.kwargs["ignored_modules"] = ignored + [m for m in (self.tokenizer, self.ema) if m not in ignored]
+            if self.tokenizer not in ignored:
+                strategy.kwargs["ignored_modules"] = ignored + [self.tokenizer]
         elif isinstance(strategy, DDPStrategy):
-            # The EMA evolves identically on every rank and the tokenizer is constant: no per-step buffer broadcast.
+            # The tokenizer is constant: no per-step broadcast of its buffers and parameters.
             from torch.nn.parallel import DistributedDataParallel
 
-            names = [n for n, _ in self.named_buffers() if n.startswith(("ema.", "tokenizer."))]
+            names = [n for n, _ in self.named_buffers() if n.startswith("tokenizer.")]
             names += [n for n, _ in self.named_parameters() if n.startswith("tokenizer.")]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
         if stage == "fit" and self.trainer.gradient_clip_val is not None:
             raise ValueError(
                 f"trainer.gradient_clip_val={self.trainer.gradient_clip_val} is set, but SRDDModule clips itself: "
-                f"use model.init_args.grad_clip (now {self.hparams.grad_clip}) and leave trainer.gradient_clip_val unset"
+                f"use model.init_args.optim.grad_clip (now {self.optim.grad_clip}) and leave trainer.gradient_clip_val unset"
             )
 
     def on_fit_start(self) -> None:
-        self._aux_to_device()
-        if int(self.ema.num_updates) == 0:  # fresh run: start the EMA from the weights as the strategy set them
-            with torch.no_grad(), self._full_params(writeback=False):
-                for name, p in _CleanNames(self.generator).named_parameters():
-                    getattr(self.ema, EMA._key(name)).copy_(p.detach().float())
-
-    # ---- EMA -----------------------------------------------------------------------------------
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        with self._full_params(writeback=False):
-            self.ema.update(_CleanNames(self.generator))
+        self._tokenizer_to_device()
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[VARTransformer]:
-        """Temporarily load the EMA weights into ``self.generator`` (all ranks must enter it under FSDP)."""
-        self._aux_to_device()
-        names = _CleanNames(self.generator)
-        with torch.no_grad(), self._full_params(writeback=True):
-            backup = {n: p.detach().clone() for n, p in names.named_parameters()}
-            self.ema.copy_to(names)
-        try:
-            yield self.generator
-        finally:
-            with torch.no_grad(), self._full_params(writeback=True):
-                for n, p in names.named_parameters():
-                    p.copy_(backup[n])
+        """The EMA weights in ``self.generator`` inside the block (full parameters under FSDP; all ranks enter it)."""
+        self._tokenizer_to_device()
+        root = self._fsdp_root()
+        with ema_weights(self):
+            if root is None:
+                yield self.generator
+                return
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            with FullyShardedDataParallel.summon_full_params(root, writeback=False, recurse=True):
+                yield self.generator
 
     def sampler(self):
         """A :class:`~srdd_lightning.sampling.Sampler` over this generator and tokenizer (current weights)."""
         from srdd_lightning.sampling.sampler import Sampler
 
-        self._aux_to_device()
+        self._tokenizer_to_device()
         return Sampler(self.generator, self.tokenizer)
 
     # ---- steps ---------------------------------------------------------------------------------
 
-    def _step_seed(self) -> int:
-        # Label dropout and drop-path draw from a generator seeded by (seed, step, rank): a resumed run
-        # draws exactly what the uninterrupted one would have.
-        base = int(os.environ.get("PL_GLOBAL_SEED", "0"))
-        return (base * 1_000_003 + self.global_step * 7_919 + self.global_rank) % (2**63 - 1)
+    def _step_rng(self, batch_idx: int) -> torch.Generator:
+        """The module's generator, seeded for this micro-batch (see the module docstring)."""
+        return self.rng.manual_seed(mix_seed(self._run_seed, self.global_rank, self.global_step, batch_idx))
 
-    def _forward_loss(self, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward_loss(self, batch, rng: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ce_BL, logits_BLV, gt_BL of a batch; ``rng`` given = training (label dropout, drop-path)."""
         img_B3HW, label_B = batch
         gt_BL, x_BLC = self.tokens_and_inputs(img_B3HW)
-        if train:
-            devices = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices, device_type=self.device.type):
-                torch.random.default_generator.manual_seed(self._step_seed())
-                if devices:
-                    torch.cuda.manual_seed(self._step_seed())
-                label_B = self.generator.drop_labels(label_B, p=self.hparams.cond_drop)
-                logits_BLV = self.generator(label_B, x_BLC)
-        else:
-            logits_BLV = self.generator(label_B, x_BLC)
+        if rng is not None:
+            label_B = self.generator.drop_labels(label_B, p=self.hparams.cond_drop, generator=rng)
+        logits_BLV = self.generator(label_B, x_BLC, generator=rng)
         ce_BL = token_cross_entropy(logits_BLV, gt_BL, self.hparams.label_smoothing)
         return ce_BL, logits_BLV, gt_BL
 
     def _metrics(self, prefix: str, ce_BL: torch.Tensor, logits_BLV: torch.Tensor, gt_BL: torch.Tensor):
+        """Loss and accuracy per scale, named by the scale's size (``loss_4x4``), and the predicted codes."""
         with torch.no_grad():
             pred_BL = logits_BLV.argmax(dim=-1)
             correct_BL = (pred_BL == gt_BL).float()
             out = {f"{prefix}/acc": correct_BL.mean()}
-            for k, s in enumerate(scale_slices(self.patch_nums)):
-                out[f"{prefix}/loss_s{k}"] = ce_BL[:, s].mean()
-                out[f"{prefix}/acc_s{k}"] = correct_BL[:, s].mean()
+            for pn, s in zip(self.patch_nums, scale_slices(self.patch_nums)):
+                out[f"{prefix}/loss_{pn}x{pn}"] = ce_BL[:, s].mean()
+                out[f"{prefix}/acc_{pn}x{pn}"] = correct_BL[:, s].mean()
             hits_V = torch.bincount(pred_BL.flatten(), minlength=logits_BLV.shape[-1]) > 0
         return out, hits_V
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        ce_BL, logits_BLV, gt_BL = self._forward_loss(batch, train=True)
+        ce_BL, logits_BLV, gt_BL = self._forward_loss(batch, self._step_rng(batch_idx))
         loss = var_loss(ce_BL)
         metrics, hits_V = self._metrics("train", ce_BL, logits_BLV, gt_BL)
         metrics["train/codebook_share"] = hits_V.float().mean()
-        metrics["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
         B = gt_BL.shape[0]
+        self.flops_per_batch = self.generator.training_flops(B)
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self.log_dict(metrics, batch_size=B)
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._ema_ctx = contextlib.ExitStack()
-        self._ema_ctx.enter_context(self.ema_weights())
+        self._tokenizer_to_device()
         self._val_hits_V = None
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -400,9 +387,6 @@ class SRDDModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
@@ -410,51 +394,47 @@ class SRDDModule(pl.LightningModule):
         self._eval_epoch_end("test")
 
     def _eval_step(self, batch, prefix: str) -> None:
-        ce_BL, logits_BLV, gt_BL = self._forward_loss(batch, train=False)
+        ce_BL, logits_BLV, gt_BL = self._forward_loss(batch, None)
         metrics, hits_V = self._metrics(prefix, ce_BL, logits_BLV, gt_BL)
         self._val_hits_V = hits_V if self._val_hits_V is None else self._val_hits_V | hits_V
         self.log(f"{prefix}/loss", var_loss(ce_BL), prog_bar=True, sync_dist=True, batch_size=gt_BL.shape[0])
         self.log_dict(metrics, sync_dist=True, batch_size=gt_BL.shape[0])
 
     def _eval_epoch_end(self, prefix: str) -> None:
-        """Log the pass's codebook share, then put the training weights back (swapped out at epoch start)."""
-        try:
-            hits_V = self._val_hits_V
-            if hits_V is None:  # this rank saw no batch
-                hits_V = torch.zeros(self.generator.config.vocab_size, dtype=torch.bool, device=self.device)
-            hits_V = self.trainer.strategy.reduce(hits_V.float(), reduce_op="sum") > 0
-            # share of the codebook the (EMA) model predicts anywhere in the whole pass
-            self.log(f"{prefix}/codebook_share", hits_V.float().mean(), sync_dist=True)  # equal on every rank already
-            self._val_hits_V = None
-        finally:
-            if self._ema_ctx is not None:
-                self._ema_ctx.close()
-                self._ema_ctx = None
+        """The share of the codebook the model predicts anywhere in the whole pass (summed over ranks)."""
+        hits_V = self._val_hits_V
+        if hits_V is None:  # this rank saw no batch
+            hits_V = torch.zeros(self.generator.config.vocab_size, dtype=torch.bool, device=self.device)
+        hits_V = self.trainer.strategy.reduce(hits_V.float(), reduce_op="sum") > 0
+        self.log(f"{prefix}/codebook_share", hits_V.float().mean(), sync_dist=True)  # equal on every rank already
+        self._val_hits_V = None
 
     # ---- optimisation --------------------------------------------------------------------------
 
     def configure_optimizers(self):
-        hp = self.hparams
-        named = [(n, p) for n, p in _CleanNames(self.generator).named_parameters() if p.requires_grad]
+        opt = self.optim
+        named = [(_clean(n), p) for n, p in self.generator.named_parameters() if p.requires_grad]
         decay = [p for n, p in named if n not in self.no_decay_names]
         no_decay = [p for n, p in named if n in self.no_decay_names]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas),
+            [{"params": decay, "weight_decay": opt.weight_decay, "name": "weights"},
+             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}],
+            lr=opt.lr, betas=tuple(opt.betas),
         )  # fmt: skip
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         if total is None:
             est = self.trainer.estimated_stepping_batches
             total = int(est) if math.isfinite(est) else None
-        if total is not None and hp.warmup_steps >= total:
-            raise ValueError(f"model.init_args.warmup_steps={hp.warmup_steps} must be below trainer.max_steps={total}")
-        schedule = WarmupLinearDecay(hp.warmup_steps, total, hp.decay_to)
+        if total is not None and opt.warmup_steps >= total:
+            raise ValueError(f"model.init_args.optim.warmup_steps={opt.warmup_steps} must be below trainer.max_steps={total}")
+        schedule = WarmupLinearDecay(opt.warmup_steps, total, opt.decay_to)
         # a plain function, so LambdaLR's state holds no copy of the schedule: a resumed run follows its config
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        max_norm = self.hparams.grad_clip or math.inf
+        max_norm = self.optim.grad_clip or math.inf
         root = self._fsdp_root()
         if root is not None:
             norm = root.clip_grad_norm_(max_norm)
@@ -466,22 +446,34 @@ class SRDDModule(pl.LightningModule):
     # ---- checkpoints: the tokenizer is referenced, not stored ---------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        sd = checkpoint.get("state_dict", {})
-        for k in [k for k in sd if _clean(k).startswith("tokenizer.")]:
-            del sd[k]
+        for key in ("state_dict", "current_model_state"):  # the EMA callback has run already (callbacks first)
+            sd = checkpoint.get(key) or {}
+            for k in [k for k in sd if _clean(k).startswith("tokenizer.")]:
+                del sd[k]
+        cls = type(self)
+        checkpoint[STAGE_KEY] = f"{cls.__module__}.{cls.__qualname__}"
         info = self.tokenizer_info
         checkpoint[CKPT_TOKENIZER_KEY] = {
             "path": info["path"], "abspath": str(Path(info["path"]).resolve()), "fingerprint": info["fingerprint"],
-            "kind": info["kind"], "preset": info["preset"], "vocab_size": info["vocab_size"],
-            "latent_dim": info["latent_dim"], "patch_nums": info["patch_nums"],
+            "kind": info["kind"], "vocab_size": info["vocab_size"], "latent_dim": info["latent_dim"],
+            "patch_nums": info["patch_nums"],
         }  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        sd = checkpoint.get("state_dict", {})
-        for k in [k for k in sd if _clean(k).startswith("tokenizer.")]:
-            del sd[k]  # the tokenizer always comes from tokenizer_ckpt
-        saved = checkpoint.get(CKPT_TOKENIZER_KEY)
-        now = self.tokenizer_info
+        for key in ("state_dict", "current_model_state"):
+            sd = checkpoint.get(key) or {}
+            for k in [k for k in sd if _clean(k).startswith("tokenizer.")]:
+                del sd[k]  # the tokenizer always comes from tokenizer_ckpt
+        self.check_checkpoint(checkpoint)
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another stage, or one trained with another tokenizer (both named)."""
+        stage = checkpoint.get(STAGE_KEY)
+        cls = type(self)
+        if stage is not None and stage != f"{cls.__module__}.{cls.__qualname__}":
+            raise ValueError(f"the checkpoint was written by {stage}, not by {cls.__qualname__}: give a "
+                             f"{cls.__qualname__} checkpoint (a run of the same stage)")  # fmt: skip
+        saved, now = checkpoint.get(CKPT_TOKENIZER_KEY), self.tokenizer_info
         if saved and saved.get("fingerprint") != now["fingerprint"]:
             raise ValueError(
                 f"this generator was trained with the tokenizer {saved.get('path')} (weights {saved.get('fingerprint')}; "
@@ -500,4 +492,4 @@ def _ignore_missing_tokenizer_keys(module: nn.Module, incompatible_keys) -> None
     incompatible_keys.missing_keys[:] = keep
 
 
-__all__ = ["CKPT_TOKENIZER_KEY", "SRDDModule", "WarmupLinearDecay", "token_cross_entropy", "var_loss"]
+__all__ = ["GeneratorArch", "GeneratorOptim", "SRDDModule", "WarmupLinearDecay", "token_cross_entropy", "var_loss"]

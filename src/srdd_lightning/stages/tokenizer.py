@@ -4,7 +4,7 @@ One training iteration (one batch x in [-1, 1]):
 
     f = quant_conv(encoder(x));  f_hat, L_vq, tokens = quantizer(f);  x̂ = decoder(post_quant_conv(f_hat))
     L_rec = w_l1·|x − x̂| + w_l2·(x − x̂)² + w_lpips·LPIPS(x̂, x)
-    L_G   = L_rec + w_vq·L_vq + [it ≥ disc_start]·w_disc·λ·(−D(x̂))
+    L_G   = L_rec + w_vq·L_vq + [it ≥ gan_start]·w_gan·λ·(−D(x̂))
     L_D   = ½·(E relu(1 − D(x)) + E relu(1 + D(sg[x̂])))          hinge, trained from iteration 0
 
 λ = ‖∇_w L_rec‖ / ‖∇_w (−D(x̂))‖ at w = the decoder's last conv (taming's adaptive weight), and
@@ -12,95 +12,141 @@ L_vq = β·‖sg[f_hat_k] − f‖² + ‖f_hat_k − sg[f]‖² on the cumulati
 
 **One backward, two optimizer steps.** L_G's adversarial term is built with D's parameters frozen and L_D
 sees sg[x̂], so L_G + L_D sends L_G's gradient only to the tokenizer and L_D's only to D: one backward, then
-``opt_g.step()`` and ``opt_d.step()``. That is the same update as the usual alternating G-step/D-step
-(D is unchanged during the G step, and the D step uses the same x̂), but every parameter receives its
-gradient in the single backward, so plain DDP works (no ``find_unused_parameters``) and gradients are
-all-reduced once per iteration. Both optimizers step every iteration, from the first:
-**``trainer.global_step`` = 2 × iterations, so ``trainer.max_steps`` and
-``checkpoint.every_n_train_steps`` count 2 per iteration**; ``val_check_interval`` and ``log_every_n_steps``
-count iterations. The module keeps its own iteration counter (the ``train_iter`` buffer, checkpointed) for
-``disc_start``, code restarts and image logging.
+both steps. That is the usual alternating G-step/D-step (D is unchanged during the G step, and the D step
+uses the same x̂), but every parameter receives its gradient in the single backward, so plain DDP works (no
+``find_unused_parameters``) and gradients are all-reduced once per iteration. **``trainer.global_step``
+counts iterations**: the tokenizer steps through Lightning's optimizer wrapper, the discriminator through the
+raw optimizer (fp16's GradScaler, the one thing the wrapper would add, is refused), so ``trainer.max_steps``,
+``checkpoint.every_n_train_steps``, ``loss.gan_start`` and ``restarts.every`` all count iterations.
 
-**The discriminator trains from iteration 0**; ``disc_start`` switches on the generator's adversarial term.
-The alternatives were worse: multiplying L_D by 0 still moves D (AdamW's decoupled weight decay) and its
-Adam state, and skipping D's step would make ``global_step`` count 1 then 2 per iteration. Training D
-early is a warm-up: by ``disc_start`` it is a calibrated critic, and λ scales its gradient to the
-reconstruction's anyway.
+**The discriminator trains from iteration 0**; ``loss.gan_start`` switches on the generator's adversarial term:
+by then D is a calibrated critic, and λ scales its gradient to the reconstruction's anyway.
 
-Validation runs on the EMA weights: loss terms, PSNR, SSIM, per-scale codebook usage over the whole pass
-(hit counts summed over ranks), and a grid of fixed validation images decoded after each scale.
-Precision: 32 or bf16-mixed; fp16-mixed (a GradScaler shared by two optimizers after one backward) is refused.
+Validation runs on the EMA weights (``callbacks.ema``): loss terms, PSNR and SSIM (torchmetrics), per-scale
+codebook usage over the whole pass (hit counts summed over ranks), and a grid of validation images decoded
+after each scale. Precision: 32 or bf16-mixed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from srdd_lightning.callbacks.ema import ema_weights, find_ema
+from srdd_lightning.loading import STAGE_KEY
 from srdd_lightning.models.discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
-from srdd_lightning.models.ema import EMA
-from srdd_lightning.models.lpips import LPIPS
+from srdd_lightning.models.perceptual import build_lpips
 from srdd_lightning.models.quantizer import usage_from_hits
-from srdd_lightning.models.tokenizer import MultiScaleTokenizer, tokenizer_config
-from srdd_lightning.models.var_import import convert_var_vae_state_dict
+from srdd_lightning.models.tokenizer import MultiScaleTokenizer, TokenizerConfig
 from srdd_lightning.utils.images import image_grid
+from srdd_lightning.utils.seeding import mix_seed
 
 INIT_FROM_OPTION = "model.init_args.init_from"
+_SCALE_DROPOUT, _RESTART = 1, 2  # what a derived seed is for (utils.seeding.mix_seed)
+
 
 # ---------------------------------------------------------------------------------------------
-# Image quality (images in [-1, 1], compared on the [0, 1] scale as is customary)
+# Options
 # ---------------------------------------------------------------------------------------------
 
 
-def psnr(x_B3HW: torch.Tensor, y_B3HW: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB, 10·log10(1 / MSE) on the [0, 1] scale; (B,)."""
-    mse_B = ((x_B3HW.float() - y_B3HW.float()) / 2).square().flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse_B.clamp_min(1e-12))
+@dataclass
+class TokenizerLoss:
+    """Weights of the tokenizer's losses (vaex / LlamaGen's recipe by default)."""
+
+    l1: float = 0.2
+    """Pixel L1."""
+    l2: float = 1.0
+    """Pixel L2 (MSE)."""
+    vq: float = 1.0
+    """VQ loss: codebook + β·commitment on the cumulative f_hat per scale (β is tokenizer.beta)."""
+    lpips: float = 1.0
+    """LPIPS (VGG, torchmetrics' network); 0 turns it off (and needs no weight file)."""
+    lpips_vgg_path: str | None = None
+    """torchvision's vgg16-397923af.pth for LPIPS' backbone (or env SRDD_LPIPS_VGG_PATH); nothing downloads."""
+    gan: float = 0.4
+    """Weight of the generator's adversarial term, times the adaptive λ; 0 turns it off."""
+    gan_start: int = 20_000
+    """Iteration (= optimizer step) from which the generator's adversarial term is on; D trains from 0."""
+
+    def __post_init__(self) -> None:
+        for name in ("l1", "l2", "vq", "lpips", "gan", "gan_start"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.init_args.loss.{name} must be >= 0, got {getattr(self, name)}")
 
 
-def _gaussian_kernel(size: int, sigma: float, device: torch.device) -> torch.Tensor:
-    t = torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2
-    g = torch.exp(-(t**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
+@dataclass
+class DiscriminatorOptions:
+    """The PatchGAN discriminator and its optimizer."""
+
+    channels: int = 64
+    """Width of its first layer."""
+    layers: int = 3
+    """Stride-2 layers; needs images of at least 3·2^layers px (use 2 for 16 px)."""
+    lr: float | None = None
+    """AdamW learning rate (null: the tokenizer's optim.lr)."""
+    weight_decay: float = 0.0005
+    """AdamW decoupled weight decay of its conv weights."""
 
 
-def ssim(
-    x_B3HW: torch.Tensor, y_B3HW: torch.Tensor, window: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03
-) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004) on the [0, 1] scale; (B,).
+@dataclass
+class TokenizerOptim:
+    """AdamW of the tokenizer (the betas are shared with the discriminator)."""
 
-    Gaussian window (11, σ 1.5; shrunk to the image side for small images), statistics over 'valid'
-    windows, SSIM map = (2μxμy + C1)(2σxy + C2) / ((μx² + μy² + C1)(σx² + σy² + C2)), C_i = (k_i·1)²,
-    averaged over channels and positions.
-    """
-    x = (x_B3HW.float() + 1) / 2
-    y = (y_B3HW.float() + 1) / 2
-    B, C, H, W = x.shape
-    win = min(window, H, W)
-    win -= 1 - win % 2  # odd
-    kernel = _gaussian_kernel(win, sigma, x.device).expand(C, 1, win, win)
+    lr: float = 1e-4
+    """Learning rate."""
+    betas: tuple[float, float] = (0.5, 0.9)
+    """AdamW betas of both optimizers (GAN practice)."""
+    weight_decay: float = 0.005
+    """Decoupled weight decay of the conv/linear weights (not biases, norms, codebook)."""
+    grad_clip: float = 10.0
+    """Clip each network's gradient norm to this (0: off)."""
 
-    def filt(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, kernel, groups=C)
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"model.init_args.optim: lr must be > 0, weight_decay and grad_clip >= 0, got {self}")
 
-    mu_x, mu_y = filt(x), filt(y)
-    var_x = filt(x * x) - mu_x**2
-    var_y = filt(y * y) - mu_y**2
-    cov = filt(x * y) - mu_x * mu_y
-    c1, c2 = k1**2, k2**2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.mean((1, 2, 3))
+
+@dataclass
+class CodeRestarts:
+    """Dead-code restarts against the early-scale codebook collapse."""
+
+    every: int = 0
+    """Every N iterations, codes hit by no token (any scale, any rank) in those N iterations are re-initialised
+    from current encoder residuals, equally many candidates per scale (0: off)."""
+    until: int | None = None
+    """Last iteration with restarts (null: until the end), so the final iterations adapt the decoder."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"model.init_args.restarts.every must be >= 0, got {self.every}")
+
+
+def _typed(cls, value):
+    """A dataclass option given as a dict (a checkpoint's hyper_parameters, plain Python) or an instance."""
+    return value if isinstance(value, cls) else cls(**(value or {}))
+
+
+def _param_groups(module: nn.Module, name: str, weight_decay: float, no_decay: Sequence[nn.Parameter] = ()) -> list[dict]:
+    """Weight decay on conv/linear weights only (not on biases, norms, or the codebook: decay would drag unused
+    codes to 0); the group names label LearningRateMonitor's curves."""
+    skip = {id(p) for p in no_decay}
+    decay = [p for p in module.parameters() if p.ndim >= 2 and id(p) not in skip]
+    rest = [p for p in module.parameters() if p.ndim < 2 or id(p) in skip]
+    return [{"params": decay, "weight_decay": weight_decay, "name": name},
+            {"params": rest, "weight_decay": 0.0, "name": f"{name}_no_decay"}]
 
 
 def scale_hits(tokens: Sequence[torch.Tensor], vocab_size: int) -> torch.Tensor:
@@ -124,14 +170,6 @@ def _frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _param_groups(module: nn.Module, weight_decay: float, no_decay: Sequence[nn.Parameter] = ()) -> list[dict]:
-    """Weight decay on conv/linear weights only (not on biases, norms, or the codebook: decay would drag unused codes to 0)."""
-    skip = {id(p) for p in no_decay}
-    decay = [p for p in module.parameters() if p.ndim >= 2 and id(p) not in skip]
-    rest = [p for p in module.parameters() if p.ndim < 2 or id(p) in skip]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
 @dataclass
 class GANLosses:
     """What one training forward produced: the two losses (disjoint gradients), and what logging/restarts need."""
@@ -148,124 +186,86 @@ class GANLosses:
 # The LightningModule
 # ---------------------------------------------------------------------------------------------
 
+_VAL_TERMS = ("l1", "l2", "vq", "lpips", "psnr", "ssim")
+
 
 class TokenizerModule(pl.LightningModule):
     """Trains a ``MultiScaleTokenizer`` (``self.tokenizer``) with L1/L2, VQ, LPIPS and a PatchGAN hinge loss.
 
-    Checkpoint contract (the generator stage and the sampler rely on it): ``hyper_parameters`` holds
-    ``preset`` and ``overrides`` (rebuild with ``build_tokenizer(preset, **overrides)``), the weights are
-    ``state_dict["tokenizer.*"]`` and their EMA ``state_dict["ema.shadow__<param name, '.' -> '__'>"]``.
+    Checkpoint contract (the generator stage and the sampler rely on it, ``loading.load_tokenizer``):
+    ``hyper_parameters.tokenizer`` holds the TokenizerConfig fields, the weights are ``state_dict["tokenizer.*"]``
+    (the EMA when the run had one, the trained weights then in ``current_model_state``).
+
+    Args:
+        tokenizer: The tokenizer's architecture and quantizer (defaults: VAR's released vae_ch160v4096z32;
+            the presets of ``models/tokenizer.py`` spelled out in experiments/*/tokenizer.yaml).
+        image_size: Image side of the data; filled in by the CLI from the data and checked against
+            ``tokenizer.image_size`` (leave unset).
+        init_from: Start from these weights instead of a random init: VAR's released ``vae_ch160v4096z32.pth``
+            (the fine-tune path) or a TokenizerModule checkpoint / run folder (its EMA weights). Applied at setup;
+            a resumed run then loads its own checkpoint over it.
+        loss: Loss weights and the LPIPS backbone file.
+        discriminator: The PatchGAN and its optimizer.
+        optim: The tokenizer's optimizer and gradient clipping.
+        restarts: Dead-code restarts.
+        num_grid_images: Fixed validation images in the reconstruction grid (0: no grid).
     """
 
     def __init__(
         self,
-        preset: str,
-        overrides: dict[str, Any] | None = None,
+        tokenizer: TokenizerConfig = TokenizerConfig(),
         image_size: int | None = None,
         init_from: str | None = None,
-        l1_weight: float = 0.2,
-        l2_weight: float = 1.0,
-        vq_weight: float = 1.0,
-        lpips_weight: float = 1.0,
-        lpips_vgg_path: str | None = None,
-        lpips_heads_path: str | None = None,
-        disc_weight: float = 0.4,
-        disc_start: int = 20_000,
-        disc_channels: int = 64,
-        disc_layers: int = 3,
-        lr: float = 1e-4,
-        disc_lr: float | None = None,
-        betas: tuple[float, float] = (0.5, 0.9),
-        weight_decay: float = 0.005,
-        disc_weight_decay: float = 0.0005,
-        grad_clip: float = 10.0,
-        ema_decay: float = 0.9999,
-        restart_every: int = 0,
-        restart_until: int | None = None,
+        loss: TokenizerLoss = TokenizerLoss(),
+        discriminator: DiscriminatorOptions = DiscriminatorOptions(),
+        optim: TokenizerOptim = TokenizerOptim(),
+        restarts: CodeRestarts = CodeRestarts(),
         num_grid_images: int = 8,
     ):
-        """Build the tokenizer, its discriminator and its EMA.
-
-        Args:
-            preset: Tokenizer preset (``var-vae-f16``, ``digits``, ``tiny``, ``tiny-16``; models/tokenizer.py).
-            overrides: TokenizerConfig fields replacing the preset's, e.g. ``{vocab_size: 256, lookup: cosine,
-                scale_dropout: 0.1}``. Stored in the checkpoint with ``preset``.
-            image_size: Image side of the data; filled in by the CLI from the data and checked against the
-                preset's ``image_size`` (leave unset).
-            init_from: Start from these weights instead of a random init: VAR's released
-                ``vae_ch160v4096z32.pth`` (preset ``var-vae-f16``; the fine-tune path) or a TokenizerModule
-                checkpoint (its EMA weights). Applied at setup; a resumed run then loads its own checkpoint over it.
-            l1_weight: Weight of the pixel L1 loss.
-            l2_weight: Weight of the pixel L2 (MSE) loss.
-            vq_weight: Weight of the VQ loss (codebook + β·commitment on the cumulative f_hat per scale; β is
-                the TokenizerConfig field ``beta``).
-            lpips_weight: Weight of the LPIPS (VGG) perceptual loss; 0 turns it off (and needs no weight files).
-            lpips_vgg_path: torchvision's ``vgg16-397923af.pth`` (or env SRDD_LPIPS_VGG_PATH); nothing downloads.
-            lpips_heads_path: LPIPS' linear heads ``vgg.pth`` v0.1 (or env SRDD_LPIPS_HEADS_PATH).
-            disc_weight: Weight of the generator's adversarial term, times the adaptive λ; 0 turns it off.
-            disc_start: Training iteration (not optimizer step) from which the generator's adversarial term is on.
-            disc_channels: Width of the PatchGAN's first layer.
-            disc_layers: Stride-2 layers of the PatchGAN; needs image_size >= 3·2^disc_layers (2 for 16 px).
-            lr: AdamW learning rate of the tokenizer.
-            disc_lr: AdamW learning rate of the discriminator (default: ``lr``).
-            betas: AdamW betas of both optimizers (GAN practice: (0.5, 0.9)).
-            weight_decay: Decoupled weight decay of the tokenizer's conv/linear weights (not biases, norms, codebook).
-            disc_weight_decay: The same for the discriminator.
-            grad_clip: Clip each network's gradient norm to this (0: off).
-            ema_decay: Decay of the EMA of the tokenizer's weights (validated, sampled and exported).
-            restart_every: Every N iterations, codes hit by no token (any scale, any rank) during those N iterations
-                are re-initialised from current encoder residuals, equally many candidates per scale (0: off).
-            restart_until: Last iteration at which restarts happen (None: until the end), so the final
-                iterations adapt the decoder to a settled codebook.
-            num_grid_images: Fixed validation images in the reconstruction grid (0: no grid).
-        """
         super().__init__()
+        cfg = _typed(TokenizerConfig, tokenizer)
+        self.loss_opts, self.disc_opts = _typed(TokenizerLoss, loss), _typed(DiscriminatorOptions, discriminator)
+        self.optim, self.restarts = _typed(TokenizerOptim, optim), _typed(CodeRestarts, restarts)
         self.save_hyperparameters()
+        for name, value in (("tokenizer", cfg), ("loss", self.loss_opts), ("discriminator", self.disc_opts),
+                            ("optim", self.optim), ("restarts", self.restarts)):  # fmt: skip
+            self.hparams[name] = dataclasses.asdict(value)  # plain values: the checkpoint loads with weights_only
         self.automatic_optimization = False
-        cfg = tokenizer_config(preset, **(overrides or {}))
         if image_size is not None and image_size != cfg.image_size:
             raise ValueError(
-                f"model.init_args.image_size={image_size} (the data's image size) disagrees with the tokenizer's "
-                f"image_size={cfg.image_size} (model.init_args.preset={preset!r} with model.init_args.overrides="
-                f"{overrides or {}}); pack or resize the data (data.resolution) to {cfg.image_size} px, or set "
-                f"overrides.image_size (and a matching overrides.patch_nums)"
+                f"model.init_args.image_size={image_size} (the data's image size) disagrees with "
+                f"model.init_args.tokenizer.image_size={cfg.image_size}; pack or resize the data (data.resolution) to "
+                f"{cfg.image_size} px, or set tokenizer.image_size (and a matching tokenizer.patch_nums)"
             )
-        non_negative = ("l1_weight", "l2_weight", "vq_weight", "lpips_weight", "disc_weight", "disc_start", "weight_decay",
-                        "disc_weight_decay", "grad_clip", "restart_every", "num_grid_images")  # fmt: skip
-        for name in non_negative:
-            if getattr(self.hparams, name) < 0:
-                raise ValueError(f"model.init_args.{name} must be >= 0, got {getattr(self.hparams, name)}")
-        disc_min = 3 * 2**disc_layers
+        if num_grid_images < 0:
+            raise ValueError(f"model.init_args.num_grid_images must be >= 0, got {num_grid_images}")
+        disc_min = 3 * 2**self.disc_opts.layers
         if cfg.image_size < disc_min:
             raise ValueError(
-                f"model.init_args.disc_layers={disc_layers} needs images of at least {disc_min} px, but the tokenizer's "
-                f"image_size is {cfg.image_size}; lower disc_layers"
+                f"model.init_args.discriminator.layers={self.disc_opts.layers} needs images of at least {disc_min} px, "
+                f"but model.init_args.tokenizer.image_size is {cfg.image_size}; lower discriminator.layers"
             )
 
         self.tokenizer = MultiScaleTokenizer(cfg)
-        self.discriminator = PatchDiscriminator(cfg.image_channels, disc_channels, disc_layers)
-        self.ema = EMA(self.tokenizer, decay=ema_decay)
-        # Iterations done (global_step counts optimizer steps: 2 per iteration).
-        self.register_buffer("train_iter", torch.zeros((), dtype=torch.long))
+        self.discriminator = PatchDiscriminator(cfg.image_channels, self.disc_opts.channels, self.disc_opts.layers)
         # Code hits since the last restart, summed over ranks (identical on every rank, so DDP's buffer broadcast is harmless).
         self.register_buffer("window_hits", torch.zeros(cfg.vocab_size))
-        self._iter = 0  # python mirror of train_iter (no device sync per iteration)
-        self._seed = torch.initial_seed() % 2**31  # seed_everything's seed: varies the dropout/restart draws per run
+        self._seed = torch.initial_seed()  # seed_everything's seed: varies the dropout/restart draws per run
         self._weights_set = False
-        self._ema_swap: ExitStack | None = None
-        self._val_sums: dict[str, torch.Tensor] = {}
+        self.val_metrics = nn.ModuleDict({n: MeanMetric() for n in _VAL_TERMS if n != "lpips" or self.loss_opts.lpips > 0})
         self._val_hits: torch.Tensor | None = None
         self._grid_images: torch.Tensor | None = None
+        self.flops_per_batch = None  # callbacks.Throughput: samples/s only (no FLOP model of the VQGAN)
         # LPIPS is frozen and external: deliberately not a registered submodule, so its ~15 M VGG weights stay
-        # out of checkpoints and loading a checkpoint does not need the weight files.
+        # out of checkpoints (and of the EMA's copy), and loading a checkpoint does not need the weight file.
         object.__setattr__(self, "_lpips", None)
 
     # ----- properties ----------------------------------------------------------------------------
 
     @property
     def iteration(self) -> int:
-        """Training iterations done (batches), restored on resume; global_step is 2 × this."""
-        return self._iter
+        """Training iterations done (batches) = trainer.global_step, restored on resume."""
+        return self.global_step
 
     @property
     def patch_nums(self) -> tuple[int, ...]:
@@ -281,138 +281,120 @@ class TokenizerModule(pl.LightningModule):
             )
         if self.hparams.init_from and not self._weights_set:
             self.load_initial_weights(self.hparams.init_from)
-        if self.hparams.lpips_weight > 0 and self._lpips is None:
-            object.__setattr__(self, "_lpips", LPIPS(self.hparams.lpips_vgg_path, self.hparams.lpips_heads_path))
+        if self.loss_opts.lpips > 0 and self._lpips is None:
+            object.__setattr__(self, "_lpips", build_lpips(self.loss_opts.lpips_vgg_path))
 
     @torch.no_grad()
     def load_initial_weights(self, path: str) -> None:
-        """Load VAR's ``vae_ch160v4096z32.pth`` or a TokenizerModule checkpoint (EMA weights) into the tokenizer; reset the EMA."""
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(
-                f"init_from file not found: {str(p)!r} (set by `{INIT_FROM_OPTION}`); give VAR's vae_ch160v4096z32.pth "
-                f"or a TokenizerModule checkpoint. Nothing is downloaded."
-            )
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and "state_dict" in obj and "preset" in (obj.get("hyper_parameters") or {}):
-            sd = obj["state_dict"]
-            state = {k[len("tokenizer.") :]: v for k, v in sd.items() if k.startswith("tokenizer.")}
-            for name, _ in self.tokenizer.named_parameters():
-                state[name] = sd.get(f"ema.{EMA._key(name)}", state.get(name))
-            what = f"the TokenizerModule checkpoint {str(p)!r} (preset {obj['hyper_parameters']['preset']!r})"
-        elif isinstance(obj, dict):
-            what = f"VAR's tokenizer weights {str(p)!r} (`{INIT_FROM_OPTION}`)"
-            try:
-                state = convert_var_vae_state_dict(obj, self.tokenizer)
-            except ValueError as e:
-                raise ValueError(f"{what} do not fit model.init_args.preset={self.hparams.preset!r}: {e}") from e
+        """Load VAR's ``vae_ch160v4096z32.pth`` or a TokenizerModule checkpoint (EMA weights) into the tokenizer."""
+        from srdd_lightning.loading import is_tokenizer_module_checkpoint, read_checkpoint, stage_state
+        from srdd_lightning.models.var_import import convert_var_vae_state_dict
+
+        file, ckpt = read_checkpoint(path, INIT_FROM_OPTION)
+        if is_tokenizer_module_checkpoint(ckpt):
+            state, what = stage_state(ckpt, "tokenizer.", ema=True), f"the TokenizerModule checkpoint {file}"
+        elif isinstance(ckpt, dict) and "quantize.embedding.weight" in ckpt:
+            state, what = convert_var_vae_state_dict(ckpt, self.tokenizer), f"VAR's tokenizer weights {file}"
         else:
-            raise ValueError(f"{str(p)!r} (`{INIT_FROM_OPTION}`) holds neither a state dict nor a Lightning checkpoint")
+            raise ValueError(f"{file} ({INIT_FROM_OPTION}) is neither a TokenizerModule checkpoint nor VAR's "
+                             f"vae_ch160v4096z32.pth")  # fmt: skip
         try:
             self.tokenizer.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise ValueError(
-                f"{what} does not fit this tokenizer (model.init_args.preset={self.hparams.preset!r}, overrides="
-                f"{self.hparams.overrides or {}}): {e}"
-            ) from e
-        self.ema = EMA(self.tokenizer, decay=self.hparams.ema_decay)
+            raise ValueError(f"{what} ({INIT_FROM_OPTION}) does not fit model.init_args.tokenizer: {e}") from e
         self._weights_set = True
 
     def _perceptual(self, x_B3HW: torch.Tensor, y_B3HW: torch.Tensor) -> torch.Tensor:
+        """Per-image LPIPS (B,) of images in [-1, 1] (torchmetrics' network, which expects that range)."""
         if self._lpips is None:  # built in setup(); a module used outside a Trainer builds it on first use
-            object.__setattr__(self, "_lpips", LPIPS(self.hparams.lpips_vgg_path, self.hparams.lpips_heads_path))
-        if self._lpips.shift.device != x_B3HW.device:
+            object.__setattr__(self, "_lpips", build_lpips(self.loss_opts.lpips_vgg_path))
+        if next(self._lpips.parameters()).device != x_B3HW.device:
             self._lpips.to(x_B3HW.device)
-        return self._lpips(x_B3HW, y_B3HW)
+        return self._lpips(x_B3HW, y_B3HW, normalize=False).flatten()
 
     # ----- losses --------------------------------------------------------------------------------
 
     def scale_keep(self, batch: int, iteration: int) -> torch.Tensor:
-        """Scale-dropout mask drawn from a generator seeded by (iteration, rank): a resumed run draws the same."""
+        """Scale-dropout mask drawn from a generator seeded by (run, iteration, rank): a resumed run draws the same."""
         rank = self.global_rank if self._trainer is not None else 0
-        gen = torch.Generator().manual_seed(self._seed + 1_000_003 * iteration + rank)
+        gen = torch.Generator().manual_seed(mix_seed(self._seed, _SCALE_DROPOUT, iteration, rank))
         return self.tokenizer.quantizer.draw_scale_keep(batch, self.device, generator=gen)
 
     def gan_losses(self, img_B3HW: torch.Tensor, iteration: int) -> GANLosses:
         """L_G (to the tokenizer only) and L_D (to the discriminator only) for one batch; see the module docstring."""
-        hp, tok = self.hparams, self.tokenizer
+        w, tok = self.loss_opts, self.tokenizer
         f_BChw = tok.encode(img_B3HW)
         q = tok.quantizer(f_BChw, keep_BK=self.scale_keep(img_B3HW.shape[0], iteration))
         rec_B3HW = tok.decode(q.f_hat, clamp=False)
 
         l1 = (rec_B3HW - img_B3HW).abs().mean()
         l2 = (rec_B3HW - img_B3HW).square().mean()
-        rec_loss = hp.l1_weight * l1 + hp.l2_weight * l2
+        rec_loss = w.l1 * l1 + w.l2 * l2
         logs = {"l1": l1.detach(), "l2": l2.detach(), "vq": q.vq_loss.detach()}
-        if hp.lpips_weight > 0:
+        if w.lpips > 0:
             lp = self._perceptual(rec_B3HW, img_B3HW).mean()
-            rec_loss = rec_loss + hp.lpips_weight * lp
+            rec_loss = rec_loss + w.lpips * lp
             logs["lpips"] = lp.detach()
-        loss_g = rec_loss + hp.vq_weight * q.vq_loss
+        loss_g = rec_loss + w.vq * q.vq_loss
 
         zero = rec_loss.new_zeros(())
         g_adv, lam = zero, zero
-        if hp.disc_weight > 0 and iteration >= hp.disc_start:
+        if w.gan > 0 and iteration >= w.gan_start:
             with _frozen(self.discriminator):  # the adversarial term must not train D
                 g_adv = hinge_g_loss(self.discriminator(rec_B3HW))
             lam = adaptive_gan_weight(rec_loss, g_adv, tok.last_layer)
-            loss_g = loss_g + hp.disc_weight * lam * g_adv
+            loss_g = loss_g + w.gan * lam * g_adv
 
         # D on real and sg[x̂] in one batch (GroupNorm is per sample, so this equals two calls).
         logits = self.discriminator(torch.cat([img_B3HW, rec_B3HW.detach()]))
         logits_real, logits_fake = logits.chunk(2)
         loss_d = hinge_d_loss(logits_real, logits_fake)
         logs.update(
-            rec=rec_loss.detach(), g_adv=g_adv.detach(), adaptive_weight=lam, gan_weight=hp.disc_weight * lam,
+            rec=rec_loss.detach(), g_adv=g_adv.detach(), adaptive_weight=lam, gan_weight=w.gan * lam,
             loss_g=loss_g.detach(), loss_d=loss_d.detach(), d_real=logits_real.detach().mean(), d_fake=logits_fake.detach().mean(),
         )  # fmt: skip
         return GANLosses(loss_g, loss_d, f_BChw.detach(), q.tokens, logs)
 
     # ----- training ------------------------------------------------------------------------------
 
-    def on_train_start(self) -> None:
-        self._iter = int(self.train_iter)  # after a resume restored the buffer
-
     def training_step(self, batch, batch_idx: int) -> None:
         img_B3HW = batch[0]
-        it = self._iter
+        it = self.global_step
         opt_g, opt_d = self.optimizers()
         out = self.gan_losses(img_B3HW, it)
         opt_g.zero_grad()
         opt_d.zero_grad()
         self.manual_backward(out.loss_g + out.loss_d)  # disjoint gradients: see the module docstring
+        clip = self.optim.grad_clip
         for opt in (opt_g, opt_d):
-            if self.hparams.grad_clip > 0:
-                self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-            opt.step()
-        self.ema.update(self.tokenizer)
-        if self.hparams.restart_every > 0:
+            if clip > 0:
+                self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        opt_g.step()
+        opt_d.optimizer.step()  # the raw optimizer: global_step counts iterations (see the module docstring)
+        if self.restarts.every > 0:
             out.logs["restarted_codes"] = self._track_and_restart_codes(out, it, opt_g.optimizer)
-
-        self._iter = it + 1
-        self.train_iter.fill_(self._iter)
-        logs = {f"train/{k}": v for k, v in out.logs.items()}
-        logs["lr/tokenizer"] = opt_g.param_groups[0]["lr"]
-        logs["lr/discriminator"] = opt_d.param_groups[0]["lr"]
-        self.log_dict(logs)
+        self.log_dict({f"train/{k}": v for k, v in out.logs.items()})
         self.log_dict({"loss_g": out.logs["loss_g"], "loss_d": out.logs["loss_d"]}, prog_bar=True, logger=False)
 
     @torch.no_grad()
     def _track_and_restart_codes(self, out: GANLosses, iteration: int, opt_g: torch.optim.Optimizer) -> torch.Tensor:
-        """Accumulate code hits (summed over ranks); every ``restart_every`` iterations re-seed the unused codes."""
-        hp, q = self.hparams, self.tokenizer.quantizer
+        """Accumulate code hits (summed over ranks); every ``restarts.every`` iterations re-seed the unused codes."""
+        r, q = self.restarts, self.tokenizer.quantizer
         self.window_hits += self.trainer.strategy.reduce(scale_hits(out.tokens, q.vocab_size).sum(0), reduce_op="sum")
         n_restarted = torch.zeros((), device=self.device)
-        due = (iteration + 1) % hp.restart_every == 0 and (hp.restart_until is None or iteration <= hp.restart_until)
+        due = (iteration + 1) % r.every == 0 and (r.until is None or iteration <= r.until)
         if not due:
             return n_restarted
         dead_V = self.window_hits == 0
         pool_NC = self._restart_candidates(out.f_BChw, iteration)
-        n = q.restart_dead_codes(dead_V, pool_NC, generator=torch.Generator().manual_seed(self._seed + iteration))
+        gen = torch.Generator().manual_seed(mix_seed(self._seed, _RESTART, iteration))
+        n = q.restart_dead_codes(dead_V, pool_NC, generator=gen)
         if n:
             # The EMA and Adam's moments of a restarted code describe the dead one: start them from the new code.
             weight = q.codebook.weight
-            getattr(self.ema, EMA._key("quantizer.codebook.weight"))[dead_V] = weight[dead_V].float()
+            ema = find_ema(self._trainer)
+            if ema is not None and hasattr(ema, "parameter"):
+                ema.parameter("tokenizer.quantizer.codebook.weight")[dead_V] = weight[dead_V]
             for moment in opt_g.state.get(weight, {}).values():
                 if torch.is_tensor(moment) and moment.shape == weight.shape:
                     moment[dead_V] = 0
@@ -424,7 +406,7 @@ class TokenizerModule(pl.LightningModule):
         gathered over ranks so that every rank restarts the same codes to the same vectors."""
         q = self.tokenizer.quantizer
         cap = math.ceil(q.vocab_size / len(q.patch_nums))
-        gen = torch.Generator().manual_seed(self._seed + iteration)
+        gen = torch.Generator().manual_seed(mix_seed(self._seed, _RESTART, iteration, 1))
         per_scale = []
         for z_BChw in q.quantize(f_BChw).residuals:
             z_NC = z_BChw.permute(0, 2, 3, 1).reshape(-1, q.dim)
@@ -433,53 +415,50 @@ class TokenizerModule(pl.LightningModule):
         return self.all_gather(torch.cat(per_scale)).reshape(-1, q.dim)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        betas = tuple(hp.betas)
-        g_groups = _param_groups(self.tokenizer, hp.weight_decay, no_decay=[self.tokenizer.quantizer.codebook.weight])
-        d_groups = _param_groups(self.discriminator, hp.disc_weight_decay)
-        opt_g = torch.optim.AdamW(g_groups, lr=hp.lr, betas=betas)
-        opt_d = torch.optim.AdamW(d_groups, lr=hp.lr if hp.disc_lr is None else hp.disc_lr, betas=betas)
+        o, d = self.optim, self.disc_opts
+        g_groups = _param_groups(self.tokenizer, "tokenizer", o.weight_decay, [self.tokenizer.quantizer.codebook.weight])
+        d_groups = _param_groups(self.discriminator, "discriminator", d.weight_decay)
+        opt_g = torch.optim.AdamW(g_groups, lr=o.lr, betas=o.betas)
+        opt_d = torch.optim.AdamW(d_groups, lr=o.lr if d.lr is None else d.lr, betas=o.betas)
         return opt_g, opt_d
 
-    # ----- validation (EMA weights) --------------------------------------------------------------
+    # ----- validation (EMA weights, swapped in by the EMA callback) -------------------------------
+
+    def ema_weights(self):
+        """The EMA weights in ``self.tokenizer`` inside the block (the FID callback's reconstruct mode uses it)."""
+        return ema_weights(self)
 
     def on_validation_epoch_start(self) -> None:
-        self._ema_swap = ExitStack()
-        self._ema_swap.enter_context(self.ema.swapped(self.tokenizer))
-        # The same keys on every rank, even one without batches: they are reduced together at the end.
-        names = ["count", "l1", "l2", "vq", "psnr", "ssim"] + (["lpips"] if self.hparams.lpips_weight > 0 else [])
-        self._val_sums = {n: torch.zeros((), device=self.device) for n in names}
         self._val_hits = torch.zeros(len(self.patch_nums), self.tokenizer.vocab_size, device=self.device)
-
-    def _add(self, name: str, value_B: torch.Tensor) -> None:
-        self._val_sums[name] += value_B.detach().float().sum()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         img_B3HW = batch[0]
-        tok, B = self.tokenizer, img_B3HW.shape[0]
+        tok = self.tokenizer
         q = tok.quantizer(tok.encode(img_B3HW))  # eval mode: no scale dropout
         rec_B3HW = tok.decode(q.f_hat, clamp=False)
-        out_B3HW = rec_B3HW.clamp(-1, 1)
-        self._add("count", torch.ones(B, device=self.device))
-        self._add("l1", (rec_B3HW - img_B3HW).abs().flatten(1).mean(1))
-        self._add("l2", (rec_B3HW - img_B3HW).square().flatten(1).mean(1))
-        self._add("vq", q.vq_loss.expand(B))
-        if self.hparams.lpips_weight > 0:
-            self._add("lpips", self._perceptual(rec_B3HW, img_B3HW))
-        self._add("psnr", psnr(out_B3HW, img_B3HW))
-        self._add("ssim", ssim(out_B3HW, img_B3HW))
+        x01, y01 = (rec_B3HW.clamp(-1, 1) + 1) / 2, (img_B3HW + 1) / 2  # PSNR / SSIM on the [0, 1] scale, as customary
+        terms = {
+            "l1": (rec_B3HW - img_B3HW).abs().flatten(1).mean(1),
+            "l2": (rec_B3HW - img_B3HW).square().flatten(1).mean(1),
+            "vq": q.vq_loss.expand(img_B3HW.shape[0]),
+            "psnr": peak_signal_noise_ratio(x01, y01, data_range=1.0, reduction="none", dim=(1, 2, 3)),
+            "ssim": structural_similarity_index_measure(x01, y01, data_range=1.0, reduction="none"),
+        }
+        if "lpips" in self.val_metrics:
+            terms["lpips"] = self._perceptual(rec_B3HW, img_B3HW)
+        for name, value_B in terms.items():
+            self.val_metrics[name].update(value_B.detach().float())
         self._val_hits += scale_hits(q.tokens, tok.vocab_size)
         if batch_idx == 0 and self.hparams.num_grid_images > 0:
             self._grid_images = img_B3HW[: self.hparams.num_grid_images].detach().clone()
 
     def on_validation_epoch_end(self) -> None:
-        names = sorted(self._val_sums)
-        reduce = self.trainer.strategy.reduce
-        totals = dict(zip(names, reduce(torch.stack([self._val_sums[n] for n in names]), reduce_op="sum")))
-        hits_KV = reduce(self._val_hits, reduce_op="sum")
-        count = totals.pop("count").clamp_min(1)
-        metrics = {f"val/{n}": v / count for n, v in totals.items()}
-        metrics["val/num_images"] = count  # how many images (over all ranks) produced these numbers
+        metrics = {f"val/{n}": m.compute() for n, m in self.val_metrics.items()}  # torchmetrics syncs over ranks
+        # how many images (over all ranks) produced these numbers
+        metrics["val/num_images"] = self.trainer.strategy.reduce(self.val_metrics["l1"].weight.clone(), reduce_op="sum")
+        for m in self.val_metrics.values():
+            m.reset()
+        hits_KV = self.trainer.strategy.reduce(self._val_hits, reduce_op="sum")
         usage = usage_from_hits(hits_KV)
         names = {"usage_of_possible": "of_possible", "usage": "of_V", "perplexity": "perplexity", "used": "used",
                  "max_possible": "max_possible"}  # fmt: skip
@@ -487,13 +466,10 @@ class TokenizerModule(pl.LightningModule):
             metrics[f"val_usage/{pn}x{pn}/tokens"] = n
             metrics.update({f"val_usage/{pn}x{pn}/{name}": u[key] for key, name in names.items()})
         metrics["val_usage/min_of_possible"] = min(u["usage_of_possible"] for u in usage)
-        self.log_dict(metrics, sync_dist=True)  # already reduced: identical on every rank
-        self.log("val_psnr", metrics["val/psnr"], prog_bar=True, logger=False, sync_dist=True)
+        self.log_dict(metrics, sync_dist=False)  # already reduced: identical on every rank
+        self.log("val_psnr", metrics["val/psnr"], prog_bar=True, logger=False)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking and self._grid_images is not None:
             self._log_grid(self.reconstruction_grid(self._grid_images))
-        if self._ema_swap is not None:
-            self._ema_swap.close()
-            self._ema_swap = None
 
     @torch.no_grad()
     def reconstruction_grid(self, img_B3HW: torch.Tensor) -> torch.Tensor:
@@ -508,14 +484,25 @@ class TokenizerModule(pl.LightningModule):
         """Rows: input | after scale 1 | … | final (see ``reconstruction_grid``), at the current iteration."""
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("val/reconstruction", grid, global_step=self._iter)
+                logger.experiment.add_image("val/reconstruction", grid, global_step=self.global_step)
 
     # ----- checkpoints ---------------------------------------------------------------------------
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cls = type(self)
+        checkpoint[STAGE_KEY] = f"{cls.__module__}.{cls.__qualname__}"
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint(checkpoint)
         self._weights_set = True  # a later setup() must not re-apply init_from over these weights
-        sd = checkpoint.get("state_dict", {})
-        self._iter = int(sd["train_iter"]) if "train_iter" in sd else checkpoint.get("global_step", 0) // 2
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint written by another stage (e.g. a generator's), naming both."""
+        stage, cls = checkpoint.get(STAGE_KEY), type(self)
+        if stage is not None and stage != f"{cls.__module__}.{cls.__qualname__}":
+            raise ValueError(f"the checkpoint was written by {stage}, not by {cls.__qualname__}: give a "
+                             f"{cls.__qualname__} checkpoint (a run of the same stage)")  # fmt: skip
 
 
-__all__ = ["TokenizerModule", "GANLosses", "psnr", "ssim", "scale_hits"]
+__all__ = ["CodeRestarts", "DiscriminatorOptions", "GANLosses", "TokenizerLoss", "TokenizerModule", "TokenizerOptim",
+           "scale_hits"]  # fmt: skip
