@@ -6,9 +6,11 @@ resampling policy, so that every place that generates images says the same thing
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import torch
 
@@ -16,6 +18,33 @@ GuidanceSchedule = Literal["linear", "constant"]
 ResampleMode = Literal["none", "simple", "mask"]
 # A setting given once for every scale, or as one value per scale of the sampling schedule.
 PerScale = Union[float, list[float]]
+RESAMPLE_MODES: tuple[str, ...] = get_args(ResampleMode)
+# Fields that take one value per scale of the sampling schedule (cfg_schedule only as an explicit list).
+PER_SCALE_FIELDS = ("cfg_schedule", "top_k", "top_p", "temperature", "resample", "refine_steps", "p_resample")
+
+
+def _finite_nonneg(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _int_nonneg(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
+
+
+def _probability(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v <= 1  # NaN fails both comparisons
+
+
+def _check(name: str, value: Any, ok: Callable[[Any], bool], rule: str, per_scale: bool = True) -> None:
+    """Raise a one-line ValueError naming ``--name`` unless ``value`` (or each entry of a per-scale list) passes ``ok``."""
+    if per_scale and isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"--{name} is an empty list: give one value, or one per scale")
+        bad = [v for v in value if not ok(v)]
+        if bad:
+            raise ValueError(f"--{name} must be {rule} at every scale, got {bad[0]!r} in {list(value)}")
+    elif not ok(value):
+        raise ValueError(f"--{name} must be {rule}, got {value!r}")
 
 
 @dataclass
@@ -48,8 +77,36 @@ class SamplingConfig:
     """Mask resampling: tokens whose probability under the model is >= this are kept."""
 
     def __post_init__(self) -> None:
-        if self.cfg < 0:
-            raise ValueError(f"cfg must be >= 0, got {self.cfg}")
+        # Every caller (srdd sample, callbacks, the table, a notebook) gets the same check, before any model is
+        # loaded; messages name the CLI option, the one spelling users see. Lengths of per-scale lists need the
+        # schedule and are checked by check_schedule once it is known.
+        if self.schedule is not None:
+            from srdd_lightning.models.scales import as_schedule
+
+            try:
+                as_schedule(self.schedule)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"--schedule: {e}") from None
+        _check("cfg", self.cfg, _finite_nonneg, "a finite number >= 0 (0: no guidance)", per_scale=False)
+        if isinstance(self.cfg_schedule, str):
+            if self.cfg_schedule not in get_args(GuidanceSchedule):
+                raise ValueError(f"--cfg_schedule must be linear, constant or a list of weights, got {self.cfg_schedule!r}")
+        else:
+            _check("cfg_schedule", self.cfg_schedule, _finite_nonneg, "a finite weight >= 0")
+        _check("top_k", self.top_k, _int_nonneg, "an integer >= 0 (0: off)")
+        _check("top_p", self.top_p, _probability, "in [0, 1] (1: off)")
+        _check("temperature", self.temperature, _finite_nonneg, "a finite number >= 0 (0: greedy)")
+        _check("resample", self.resample, lambda v: v in RESAMPLE_MODES, f"one of {', '.join(RESAMPLE_MODES)}")
+        _check("refine_steps", self.refine_steps, _int_nonneg, "an integer >= 0")
+        _check("p_resample", self.p_resample, _probability, "in [0, 1]")
+
+    def check_schedule(self, schedule: Sequence[int]) -> None:
+        """Every per-scale list has one entry per scale of the sampling ``schedule`` (known only with the model)."""
+        for name in PER_SCALE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)) and len(value) != len(schedule):
+                raise ValueError(f"--{name} has {len(value)} entries but the sampling schedule {list(schedule)} has "
+                                 f"{len(schedule)} scales: give one value, or one per scale")  # fmt: skip
 
     def per_scale(self, name: str, num_scales: int) -> list:
         """The value of field ``name`` at each of ``num_scales`` scales (a list must have exactly that length)."""
@@ -58,9 +115,7 @@ class SamplingConfig:
             raise ValueError("cfg_schedule as a name is expanded by the sampler, not per_scale")
         if isinstance(value, (list, tuple)):
             if len(value) != num_scales:
-                raise ValueError(
-                    f"{name} has {len(value)} entries but the sampling schedule has {num_scales} scales"
-                )
+                raise ValueError(f"--{name} has {len(value)} entries but the sampling schedule has {num_scales} scales")
             return list(value)
         return [value] * num_scales
 

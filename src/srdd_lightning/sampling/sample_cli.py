@@ -6,32 +6,67 @@
     torchrun --nproc_per_node 8 $(which srdd) sample --ckpt runs/ffhq/version_0 --out fid/ffhq --num_samples 50000
 
 Sample ``i`` has class ``labels[i]`` and seed ``seed + i``, so the result depends neither on the batch size nor
-on the number of ranks; under torchrun / SLURM (``RANK``/``WORLD_SIZE`` or ``SLURM_PROCID``/``SLURM_NTASKS``)
-rank r takes the indices i ≡ r (mod world size). Existing PNGs are skipped, so an interrupted run resumes;
-rank 0 waits for every PNG, then (re)builds ``grid.png``, ``samples.npz`` and ``sampling.json`` from all files.
+on the number of processes. Launched by torchrun (or anything that sets torch.distributed's ``env://``
+variables), the processes form a process group (gloo on the CPU, nccl on CUDA): rank 0 checks the folder and
+lists the missing samples, each rank draws its share of them, and once all have finished (a collective, not
+file polling) rank 0 writes ``grid.png``, ``samples.npz`` and ``sampling.json``.
+
+A folder is resumable and never mixes settings: ``sampling.json`` is written before the first PNG and records
+everything the images depend on (generator and tokenizer weights, EMA, precision, schedule, sampling settings,
+seed, labels, edit). A rerun with the same record draws only the missing PNGs; one with another record is
+refused, or with ``--overwrite true`` starts afresh after deleting only the files ``srdd sample`` writes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import hashlib
 import json
 import math
 import os
+import pickle
+import re
+import sys
 import time
-from collections.abc import Sequence
+import types
+import typing
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NoReturn, TypeVar, Union
 
 import numpy as np
 import torch
 
 from srdd_lightning.sampling.config import EditSpec, SamplingConfig
 from srdd_lightning.utils.images import from_uint8, image_grid, load_png, save_png, to_uint8
+from srdd_lightning.utils.io import atomic_write, write_json
 
 EditMode = Literal["inpaint", "outpaint", "superres", "reconstruct"]
 UNCONDITIONAL = "uncond"
-_STATS_DIR = ".srdd-sample"
+SAMPLING_JSON = "sampling.json"
+# sampling.json's layout. 2: records what the images depend on (RESUME_KEYS), so a rerun can tell whether it may resume.
+RECORD_FORMAT = 2
+# The record's entries that decide whether a folder's images are the ones a rerun would make, with the option(s)
+# that set each. The checkpoint path is not among them: the same weights moved elsewhere still resume.
+RESUME_KEYS = {
+    "generator_fingerprint": "--ckpt",
+    "tokenizer_fingerprint": "--tokenizer_ckpt",
+    "ema": "--ema",
+    "precision": "--precision",
+    "schedule": "--schedule",
+    "sampling": None,  # compared field by field, each named as its own option
+    "seed": "--seed",
+    "label_runs": "--num_per_class/--num_samples/--classes",
+    "edit": "--edit/--image/--mask/--keep_box/--keep_scales",
+}
+_SAMPLE_PNG = re.compile(r"\d{6}_c\d+\.png")
+_OUTPUT_NAMES = ("grid.png", "samples.npz", SAMPLING_JSON, "reference.png")
+# temporary files of an interrupted atomic write of one of our outputs (utils.images.save_png / utils.io.atomic_open)
+_OUTPUT_TMP = re.compile(r"\.(\d{6}_c\d+\.png|grid\.png|samples\.npz|sampling\.json|reference\.png)\.(tmp-\d+|.+\.tmp)")
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,7 +95,7 @@ def parse_classes(classes: str | Sequence[int] | int | None, num_classes: int, n
             raise ValueError(f"--classes takes comma-separated class indices or '{UNCONDITIONAL}', got {c!r}") from None
         if not 0 <= value < num_classes:
             raise ValueError(
-                f"class {value} is out of range: the model has {num_classes} classes (0..{num_classes - 1}); "
+                f"--classes: class {value} is out of range: the model has {num_classes} classes (0..{num_classes - 1}); "
                 f"use '{UNCONDITIONAL}' for the null (unconditional) class"
             )
         out.append(value)
@@ -69,36 +104,177 @@ def parse_classes(classes: str | Sequence[int] | int | None, num_classes: int, n
     return out
 
 
+def _check_counts(num_per_class: int | None, num_samples: int | None) -> None:
+    if (num_per_class is None) == (num_samples is None):
+        raise ValueError("give exactly one of --num_per_class N (N per class) and --num_samples N (N in total)")
+    for name, n in (("--num_per_class", num_per_class), ("--num_samples", num_samples)):
+        if n is not None and n < 1:
+            raise ValueError(f"{name} must be >= 1, got {n}")
+
+
 def plan_labels(
     num_classes: int, null_class: int, num_per_class: int | None, classes: str | Sequence[int] | None, num_samples: int | None
 ) -> list[int]:
     """The class of every sample index: ``num_per_class`` for each class (all, or ``classes``), or ``num_samples``
     in total spread over the classes in contiguous, near-equal blocks."""
-    if (num_per_class is None) == (num_samples is None):
-        raise ValueError("give exactly one of --num_per_class N (N per class) and --num_samples N (N in total)")
+    _check_counts(num_per_class, num_samples)
     chosen = parse_classes(classes, num_classes, null_class) or list(range(num_classes))
     if num_per_class is not None:
-        if num_per_class < 1:
-            raise ValueError(f"--num_per_class must be >= 1, got {num_per_class}")
         return [c for c in chosen for _ in range(num_per_class)]
     assert num_samples is not None
-    if num_samples < 1:
-        raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
     return [chosen[i * len(chosen) // num_samples] for i in range(num_samples)]
+
+
+def label_runs(labels: Sequence[int]) -> list[list[int]]:
+    """``[0, 0, 3, 3, 3]`` -> ``[[0, 2], [3, 3]]``: the labels plan in a few numbers (the plans are contiguous blocks)."""
+    runs: list[list[int]] = []
+    for c in labels:
+        if runs and runs[-1][0] == c:
+            runs[-1][1] += 1
+        else:
+            runs.append([int(c), 1])
+    return runs
 
 
 def sample_path(out: Path, index: int, label: int) -> Path:
     return out / f"{index:06d}_c{label}.png"
 
 
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun or SLURM variables; (0, 1, 0) otherwise."""
-    env = os.environ
-    if "WORLD_SIZE" in env:
-        return int(env.get("RANK", 0)), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
+# --------------------------------------------------------------------------------------------
+# Processes: one, or a torch.distributed group
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Ranks:
+    """This process's place among the sampling processes; without a process group, rank 0 of 1."""
+
+    rank: int = 0
+    world: int = 1
+
+    @staticmethod
+    def _group() -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (on every rank)."""
+        if not self._group():
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def on_rank0(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0 and hand its result to every rank. A user error there (ValueError /
+        FileNotFoundError) is raised on every rank, so none is left waiting at the next collective."""
+        result: Any = None
+        error: Exception | None = None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except (ValueError, FileNotFoundError) as e:
+                error = e
+        if self._group():
+            box = [result, None if error is None else str(error)]
+            torch.distributed.broadcast_object_list(box, src=0)
+            result = box[0]
+            if box[1] is not None and error is None:
+                error = ValueError(box[1])
+        if error is not None:
+            raise error
+        return result
+
+
+@contextlib.contextmanager
+def process_group(device_type: str, timeout: float) -> Iterator[Ranks]:
+    """The caller's process group, or one made from torch.distributed's ``env://`` variables when a launcher set
+    them (torchrun sets WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT), or none: one process.
+
+    A group made here uses gloo on the CPU and nccl on CUDA, waits ``timeout`` seconds at a collective, and is
+    destroyed on the way out.
+    """
+    dist = torch.distributed
+    made = False
+    if dist.is_available() and not dist.is_initialized() and "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method="env://",
+                                timeout=datetime.timedelta(seconds=timeout))  # fmt: skip
+        made = True
+    try:
+        yield Ranks(dist.get_rank(), dist.get_world_size()) if Ranks._group() else Ranks()
+    finally:
+        if made:
+            dist.destroy_process_group()
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:<index>, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return dev
+
+
+def _rank_device(dev: torch.device, ranks: Ranks) -> torch.device:
+    """``cuda`` without an index means this process's GPU: its node-local rank (torchrun's LOCAL_RANK)."""
+    if dev.type != "cuda":
+        return dev
+    if dev.index is None:
+        local = torch.distributed.get_node_local_rank(fallback_rank=ranks.rank) if ranks.world > 1 else 0
+        dev = torch.device("cuda", local % torch.cuda.device_count())
+    torch.cuda.set_device(dev)  # nccl's object collectives run on the current device
+    return dev
+
+
+# --------------------------------------------------------------------------------------------
+# The checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def _checkpoint_file_problem(path: Path) -> str | None:
+    """What is wrong with a file torch.load could not read, or None when it looks like an intact checkpoint."""
+    size = path.stat().st_size
+    if size == 0:
+        return f"--ckpt {path} is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":  # torch.save's zip format; its directory sits at the end of the file
+        if not zipfile.is_zipfile(path):
+            return (f"--ckpt {path} is truncated ({size} bytes, the end of its zip archive is missing): "
+                    f"an interrupted copy or write; copy or save it again")  # fmt: skip
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            return f"--ckpt {path} is a damaged zip archive ({e}); copy or save it again"
+        return f"--ckpt {path} is damaged: {bad} fails its checksum; copy or save it again" if bad else None
+    if head[:1] == b"\x80":  # a pickle: torch.save's legacy format
+        return f"--ckpt {path} is a legacy (non-zip) torch file that cannot be unpickled: truncated or damaged?"
+    return (f"--ckpt {path} is not a PyTorch checkpoint (it starts with {head!r}; torch.save writes a zip archive): "
+            f"give a generator checkpoint (.ckpt) or its run folder")  # fmt: skip
+
+
+def _load_generator(ckpt_file: Path, ema: bool, tokenizer_ckpt: str | None):
+    from srdd_lightning.loading import load_generator
+
+    try:
+        return load_generator(ckpt_file, ema=ema, tokenizer_ckpt=tokenizer_ckpt)
+    except (pickle.UnpicklingError, EOFError, IndexError, KeyError, RuntimeError, zipfile.BadZipFile) as e:
+        # loading.py passes torch.load's raw errors through (a text file gives a KeyError from the unpickler, a
+        # truncated one a RuntimeError from the zip reader). Until it names the file itself, say what the file is;
+        # an error on an intact file is not a user's mistake and keeps its traceback.
+        problem = _checkpoint_file_problem(ckpt_file)
+        if problem is None:
+            raise
+        raise ValueError(problem) from e
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
+    """Of a small input file (an edit's image or mask): same name, other content must not resume."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,11 +307,13 @@ def build_edit(edit: EditMode, tokenizer, schedule: Sequence[int], image: str | 
             raise ValueError(f"--image {image} ({img.shape[-1]}x{img.shape[-2]} px) is not smaller than the model's {size} px")
         spec = editing.super_resolution(tokenizer, img, keep_scales, patch_nums=schedule)
         record["keep_scales"] = spec.keep_scales
-        return spec, record, img
+        return spec, _with_hashes(record), img
     img = _load_image(image, size, f"the tokenizer ({edit})")
     if edit == "inpaint":
         if mask is None:
             raise ValueError("--edit inpaint needs --mask PATH (white = region to generate)")
+        if not Path(mask).expanduser().is_file():
+            raise FileNotFoundError(f"--mask {mask} does not exist")
         m = editing.load_mask(mask)
         if tuple(m.shape[-2:]) != tuple(img.shape[-2:]):
             raise ValueError(f"--mask {mask} is {m.shape[-1]}x{m.shape[-2]} px but --image {image} is {size}x{size} px")
@@ -159,7 +337,110 @@ def build_edit(edit: EditMode, tokenizer, schedule: Sequence[int], image: str | 
         record["keep_scales"] = keep_scales
     else:
         raise ValueError(f"--edit must be one of inpaint, outpaint, superres, reconstruct; got {edit!r}")
-    return spec, record, img
+    return spec, _with_hashes(record), img
+
+
+def _with_hashes(record: dict) -> dict:
+    for key in ("image", "mask"):
+        if key in record:
+            record[f"{key}_sha256"] = _file_sha256(Path(record[key]).expanduser())
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# The folder: what is in it, whether a run may resume there
+# --------------------------------------------------------------------------------------------
+
+
+def own_files(out_dir: Path) -> list[Path]:
+    """The files of ``out_dir`` that ``srdd sample`` writes (sample PNGs, grid, npz, record, reference, and
+    temporary files of interrupted writes); nothing else in the folder is ever touched."""
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.iterdir() if p.is_file() and (
+        _SAMPLE_PNG.fullmatch(p.name) or p.name in _OUTPUT_NAMES or _OUTPUT_TMP.fullmatch(p.name)))  # fmt: skip
+
+
+def _comparable(record: dict) -> dict:
+    """The record's RESUME_KEYS; the edit without its file paths (their content hashes decide), the sampling
+    settings without ``schedule`` (the resolved schedule is compared)."""
+    out = {k: record.get(k) for k in RESUME_KEYS}
+    if isinstance(out["edit"], dict):
+        out["edit"] = {k: v for k, v in out["edit"].items() if k not in ("image", "mask")}
+    if isinstance(out["sampling"], dict):
+        out["sampling"] = {k: v for k, v in out["sampling"].items() if k != "schedule"}
+    return out
+
+
+def _labels_text(runs: Any) -> str:
+    if not isinstance(runs, list):
+        return "not recorded"
+    return f"{sum(n for _, n in runs)} samples of classes {sorted({c for c, _ in runs})}"
+
+
+def settings_differences(there: dict, now: dict) -> list[str]:
+    """How the record of a folder (``there``) and of this run (``now``) differ, each as 'option: there vs now'."""
+    if there.get("format") != RECORD_FORMAT:
+        return [f"its {SAMPLING_JSON} has format {there.get('format', 1)} (an older srdd sample), not {RECORD_FORMAT}"]
+    a, b = _comparable(there), _comparable(now)
+    out = []
+    for key, option in RESUME_KEYS.items():
+        if a[key] == b[key]:
+            continue
+        if key == "sampling" and isinstance(a[key], dict) and isinstance(b[key], dict):
+            out += [f"--{k} {a[key].get(k)!r} there, {b[key].get(k)!r} now"
+                    for k in sorted(set(a[key]) | set(b[key])) if a[key].get(k) != b[key].get(k)]  # fmt: skip
+        elif key == "generator_fingerprint":
+            if a["ema"] == b["ema"]:  # with another --ema the weights differ too; that difference is named once
+                out.append(f"--ckpt: other generator weights there ({there.get('checkpoint')}) than now ({now.get('checkpoint')})")
+        elif key == "tokenizer_fingerprint":
+            out.append(f"--tokenizer_ckpt: another tokenizer there ({there.get('tokenizer')}) than now ({now.get('tokenizer')})")
+        elif key == "label_runs":
+            out.append(f"{option}: {_labels_text(a[key])} there, {_labels_text(b[key])} now")
+        else:
+            out.append(f"{option} {a[key]!r} there, {b[key]!r} now")
+    return out
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def prepare_folder(out_dir: Path, record: dict, labels: Sequence[int], overwrite: bool) -> tuple[list[int], dict | None]:
+    """Make ``out_dir`` hold only images of ``record`` and write ``record`` there before any PNG: refuse a folder
+    with other samples (or, with ``overwrite``, delete srdd sample's files first). Returns the missing sample
+    indices and the folder's earlier record of the same settings (None when starting afresh)."""
+    record = json.loads(json.dumps(record))  # compared with what JSON gives back: tuples become lists
+    ours = own_files(out_dir)
+    previous = None
+    if overwrite:
+        for p in ours:
+            p.unlink(missing_ok=True)
+    elif ours:
+        what = f"use another --out, or --overwrite true to delete srdd sample's files there ({len(ours)}) and start afresh"
+        previous = _read_record(out_dir / SAMPLING_JSON)
+        if previous is None:
+            state = "an unreadable" if (out_dir / SAMPLING_JSON).exists() else "no"
+            raise ValueError(f"--out {out_dir} holds {len(ours)} sample file(s) (e.g. {ours[0].name}) but {state} "
+                             f"{SAMPLING_JSON} saying how they were made: {what}")  # fmt: skip
+        diff = settings_differences(previous, record)
+        if diff:
+            more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+            raise ValueError(f"--out {out_dir} holds samples made with other settings: {'; '.join(diff[:3])}{more}. "
+                             f"{what[0].upper()}{what[1:]}")  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / SAMPLING_JSON, {**record, **_timing_of(previous)})
+    missing = [i for i, c in enumerate(labels) if not sample_path(out_dir, i, c).exists()]
+    return missing, previous
+
+
+def _timing_of(record: dict | None) -> dict:
+    keys = ("cost_per_image", "seconds_per_image", "timed_images", "seconds_measured_on")
+    return {k: record[k] for k in keys if k in record} if record else {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,19 +466,21 @@ def sample_to_folder(
     tokenizer_ckpt: str | None = None,
     device: str = "auto",
     precision: Literal["fp32", "bf16"] = "fp32",
+    overwrite: bool = False,
     progress: bool = True,
-    wait_timeout: float = 600.0,
+    timeout: float = 1800.0,
 ) -> Path:
     """Sample a generator checkpoint into a folder of PNGs plus grid.png, samples.npz and sampling.json.
 
     Args:
         ckpt: Generator checkpoint file or run folder (runs/<name> or runs/<name>/version_<k>: its last.ckpt).
-        out: Output folder; PNGs already there are kept and skipped (resume).
+        out: Output folder. Samples already there with the same settings are kept and skipped (resume);
+            samples made with other settings make it refuse (see --overwrite).
         num_per_class: Samples per class (every class, or those of --classes).
         classes: Comma-separated class indices, e.g. 0,3 ('uncond' = the null class); default: all classes.
         num_samples: Total samples, spread over the classes in contiguous blocks (instead of --num_per_class).
-        seed: Sample i uses seed + i (independent of batch size and number of ranks).
-        batch_size: Samples per sampler call on each rank.
+        seed: Sample i uses seed + i (independent of batch size and number of processes).
+        batch_size: Samples per sampler call in each process.
         ema: Use the EMA weights of the generator (false: the raw trained weights).
         edit: Zero-shot editing: inpaint (--image, --mask), outpaint (--image, --keep_box), superres (--image, a
             smaller image), reconstruct (--image, --keep_scales).
@@ -206,109 +489,127 @@ def sample_to_folder(
         keep_box: Outpainting: TOP,LEFT,BOTTOM,RIGHT pixel box of --image that is kept.
         keep_scales: reconstruct: number of coarse scales of --image kept; superres: override the automatic count.
         tokenizer_ckpt: Tokenizer to use instead of the one recorded in the checkpoint (e.g. after moving files).
-        device: cuda, cuda:1, cpu, or auto (cuda:<local rank> when CUDA is available).
+        device: cuda, cuda:1, cpu, or auto (CUDA when available; each process takes the GPU of its local rank).
         precision: fp32, or bf16 (transformer under bfloat16 autocast on CUDA: faster, not bit-identical).
-        progress: Show a progress bar (rank 0).
-        wait_timeout: Rank 0 gives up when no other rank adds a PNG for this many seconds.
+        overwrite: true: first delete the files srdd sample writes in --out (its PNGs, grid.png, samples.npz,
+            sampling.json, reference.png; nothing else) and sample afresh. false: resume a folder of the same
+            settings, refuse one of other settings.
+        progress: Show a progress bar and a final line (rank 0).
+        timeout: Seconds a process waits for the others at a collective (torch.distributed's timeout).
     """
     from tqdm import tqdm
 
-    from srdd_lightning.loading import load_generator, resolve_checkpoint
+    from srdd_lightning.loading import fingerprint, resolve_checkpoint
 
+    # ---- checks that need no model: every process fails alike, before any process group forms
     sampling = sampling or SamplingConfig()
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    if not timeout > 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {timeout}")
+    _check_counts(num_per_class, num_samples)
     if edit is None and any(v is not None for v in (image, mask, keep_box, keep_scales)):
         raise ValueError("--image/--mask/--keep_box/--keep_scales only apply with --edit")
-    rank, world, local_rank = dist_env()
-    dev = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    out_dir = Path(out).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; give a folder")
+    dev = _device(device)
     ckpt_file = resolve_checkpoint(ckpt, "--ckpt")
-    module = load_generator(ckpt_file, ema=ema, tokenizer_ckpt=tokenizer_ckpt).to(dev)
+    module = _load_generator(ckpt_file, ema, tokenizer_ckpt)
     generator, tokenizer = module.generator, module.tokenizer
     labels = plan_labels(generator.num_classes, generator.null_class, num_per_class, classes, num_samples)
     sampler = module.sampler()
-    schedule = sampler.schedule(sampling.schedule)
+    try:
+        schedule = sampler.schedule(sampling.schedule)
+    except ValueError as e:
+        raise ValueError(f"--schedule: {e}") from None
+    sampling.check_schedule(schedule)
 
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spec, edit_record = None, None
-    if edit is not None:
-        spec, edit_record, ref = build_edit(edit, tokenizer, schedule, image, mask, keep_box, keep_scales)
-        if rank == 0:
-            save_png(to_uint8(ref)[0], out_dir / "reference.png")
+    with process_group(dev.type, timeout) as ranks:
+        rank, world = ranks.rank, ranks.world
+        generator_fp = fingerprint(generator) if rank == 0 else None  # only rank 0 keeps the record
+        dev = _rank_device(dev, ranks)
+        module.to(dev)
+        sampler = module.sampler()
+        spec, edit_record, ref = None, None, None
+        if edit is not None:
+            spec, edit_record, ref = build_edit(edit, tokenizer, schedule, image, mask, keep_box, keep_scales)
+        record = {
+            "format": RECORD_FORMAT,
+            "complete": False,  # True once every PNG, grid.png and samples.npz are written
+            "checkpoint": str(ckpt_file),
+            "generator_fingerprint": generator_fp,
+            "tokenizer": module.tokenizer_info["path"],
+            "tokenizer_fingerprint": module.tokenizer_info["fingerprint"],
+            "ema": ema,
+            "attn": generator.config.attn,
+            "num_samples": len(labels),
+            "num_classes": generator.num_classes,
+            "classes": sorted(set(labels)),
+            "labels": "samples.npz['labels']; file {index:06d}_c{class}.png",
+            "label_runs": label_runs(labels),
+            "seed": seed,
+            "seeds": "seed + index",
+            "sampling": sampling.to_dict(),
+            "schedule": list(schedule),
+            "edit": edit_record,
+            "precision": precision,
+            "batch_size": batch_size,
+            "world_size": world,
+        }
 
-    todo = [i for i in range(rank, len(labels), world) if not sample_path(out_dir, i, labels[i]).exists()]
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" and dev.type == "cuda" else None
-    seconds, cost = 0.0, None
-    bar = tqdm(total=len(todo), desc=f"srdd sample (rank {rank}/{world})", disable=not progress or rank != 0)
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start : start + batch_size]
-        t0 = time.perf_counter()
-        with amp if amp is not None else contextlib.nullcontext():
-            result = sampler.sample([labels[i] for i in idx], sampling, seeds=[seed + i for i in idx], edit=spec)
-        images = to_uint8(result.images).cpu()
-        seconds += time.perf_counter() - t0
-        cost = result.cost.to_dict()
-        for i, img in zip(idx, images):
-            save_png(img, sample_path(out_dir, i, labels[i]))
-        bar.update(len(idx))
-    bar.close()
-    if todo:
-        _write_json(out_dir / _STATS_DIR / f"rank{rank}.json",
-                    {"images": len(todo), "seconds": seconds, "cost_per_image": cost, "device": str(dev)})  # fmt: skip
-    if rank != 0:
-        return out_dir
+        def prepare() -> tuple[list[int], dict | None]:
+            missing, previous = prepare_folder(out_dir, record, labels, overwrite)
+            if ref is not None:
+                save_png(to_uint8(ref)[0], out_dir / "reference.png")
+            return missing, previous
 
-    _wait_for_all(out_dir, labels, wait_timeout)
-    stats = [json.loads(p.read_text()) for p in sorted((out_dir / _STATS_DIR).glob("rank*.json"))]
-    n_timed = sum(s["images"] for s in stats)
-    record = {
-        "checkpoint": str(ckpt_file),
-        "tokenizer": module.tokenizer_info["path"],
-        "ema": ema,
-        "attn": generator.config.attn,
-        "num_samples": len(labels),
-        "num_classes": generator.num_classes,
-        "classes": sorted(set(labels)),
-        "labels": "samples.npz['labels']; file {index:06d}_c{class}.png",
-        "seed": seed,
-        "seeds": "seed + index",
-        "sampling": sampling.to_dict(),
-        "schedule": list(schedule),
-        "edit": edit_record,
-        "precision": precision,
-        "cost_per_image": cost if cost is not None else next((s["cost_per_image"] for s in stats if s.get("cost_per_image")), None),
-        "seconds_per_image": sum(s["seconds"] for s in stats) / n_timed if n_timed else None,
-        "seconds_measured_on": sorted({s["device"] for s in stats}),
-        "batch_size": batch_size,
-        "world_size": world,
-    }
-    write_outputs(out_dir, labels)
-    _write_json(out_dir / "sampling.json", record)
+        missing, previous = ranks.on_rank0(prepare)
+        todo = missing[rank::world]  # the missing ones, not i ≡ rank: a resumed run stays balanced
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" and dev.type == "cuda" else None
+        seconds, cost = 0.0, None
+        bar = tqdm(total=len(missing), desc=f"srdd sample ({world} process{'es' if world > 1 else ''})",
+                   disable=not progress or rank != 0)  # fmt: skip
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start : start + batch_size]
+            t0 = time.perf_counter()
+            with amp if amp is not None else contextlib.nullcontext():
+                result = sampler.sample([labels[i] for i in idx], sampling, seeds=[seed + i for i in idx], edit=spec)
+            images = to_uint8(result.images).cpu()
+            seconds += time.perf_counter() - t0
+            cost = result.cost.to_dict()
+            for i, img in zip(idx, images):
+                save_png(img, sample_path(out_dir, i, labels[i]))
+            bar.update(min(len(idx) * world, bar.total - bar.n))  # rank 0 stands for all: the shares are equal
+        bar.close()
+        stats = ranks.gather({"images": len(todo), "seconds": seconds, "cost_per_image": cost, "device": str(dev)})
+
+        def finish() -> None:
+            absent = [i for i in missing if not sample_path(out_dir, i, labels[i]).exists()]
+            if absent:
+                raise ValueError(f"--out {out_dir}: {len(absent)} samples written by other processes "
+                                 f"(e.g. {sample_path(out_dir, absent[0], labels[absent[0]]).name}) are not visible to "
+                                 f"rank 0; --out must be a folder every process sees (a shared file system)")  # fmt: skip
+            if missing or not ((out_dir / "samples.npz").is_file() and (out_dir / "grid.png").is_file()):
+                write_outputs(out_dir, labels)
+            write_json(out_dir / SAMPLING_JSON, {**record, **_timing(previous, stats), "complete": True})
+            if progress:
+                print(f"srdd sample: {len(labels)} samples in {out_dir} ({len(missing)} drawn now)")
+
+        ranks.on_rank0(finish)
     return out_dir
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _wait_for_all(out_dir: Path, labels: list[int], timeout: float) -> None:
-    """Rank 0's barrier: every PNG exists (each is written atomically). Fails after ``timeout`` s without progress."""
-    missing = [i for i in range(len(labels)) if not sample_path(out_dir, i, labels[i]).exists()]
-    last_change, last_count = time.monotonic(), len(missing)
-    while missing:
-        time.sleep(1.0)
-        missing = [i for i in missing if not sample_path(out_dir, i, labels[i]).exists()]
-        if len(missing) < last_count:
-            last_change, last_count = time.monotonic(), len(missing)
-        elif time.monotonic() - last_change > timeout:
-            raise TimeoutError(
-                f"{len(missing)} samples (e.g. {sample_path(out_dir, missing[0], labels[missing[0]]).name}) did not appear "
-                f"within {timeout:.0f} s: another rank stopped. Rerun the same command to resume"
-            )
+def _timing(previous: dict | None, stats: list[dict]) -> dict:
+    """Cost and seconds per image over every image timed in this folder: this run's ranks plus earlier runs'."""
+    before = _timing_of(previous)
+    n_before = before.get("timed_images") or 0
+    n = n_before + sum(s["images"] for s in stats)
+    seconds = (before.get("seconds_per_image") or 0.0) * n_before + sum(s["seconds"] for s in stats)
+    cost = next((s["cost_per_image"] for s in stats if s["cost_per_image"]), before.get("cost_per_image"))
+    devices = set(before.get("seconds_measured_on") or []) | {s["device"] for s in stats if s["images"]}
+    return {"cost_per_image": cost, "seconds_per_image": seconds / n if n else None, "timed_images": n,
+            "seconds_measured_on": sorted(devices)}  # fmt: skip
 
 
 def write_outputs(out_dir: Path, labels: list[int], max_rows: int = 16, max_cols: int = 8) -> None:
@@ -317,10 +618,7 @@ def write_outputs(out_dir: Path, labels: list[int], max_rows: int = 16, max_cols
     arr = np.empty((len(labels), first.shape[1], first.shape[2], 3), dtype=np.uint8)
     for i, c in enumerate(labels):
         arr[i] = load_png(sample_path(out_dir, i, c)).permute(1, 2, 0).numpy()
-    tmp = out_dir / f".samples.npz.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, arr_0=arr, labels=np.asarray(labels, dtype=np.int64))
-    os.replace(tmp, out_dir / "samples.npz")
+    atomic_write(out_dir / "samples.npz", lambda f: np.savez(f, arr_0=arr, labels=np.asarray(labels, dtype=np.int64)))
 
     # grid: one row per class (up to max_rows classes, evenly spread), its first max_cols samples
     order = list(dict.fromkeys(labels))
@@ -347,27 +645,100 @@ def write_outputs(out_dir: Path, labels: list[int], max_rows: int = 16, max_cols
 # --------------------------------------------------------------------------------------------
 
 
+def _describe(tp: Any) -> str:
+    """A type as a user reads it: ``int | list[int]`` -> 'an integer, or a list [a,b,...] of them (one per scale)'."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        parts = [a for a in args if a is not type(None)]
+        optional = " (or null)" if len(parts) < len(args) else ""
+        if len(parts) == 2 and typing.get_origin(parts[1]) is list and typing.get_args(parts[1])[0] == parts[0]:
+            return f"{_describe(parts[0])}, or a list [a,b,...] of them (one per scale){optional}"
+        return " or ".join(_describe(a) for a in parts) + optional
+    if origin is list:
+        return f"a list [a,b,...] of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s" if args else "a list"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _option_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(sample_to_folder)
+    hints.update(typing.get_type_hints(SamplingConfig))
+    return hints
+
+
+def _parse_error(e: Exception) -> str:
+    """jsonargparse's multi-line report of a bad value -> one line naming the option, the value and what it takes."""
+    text = str(e)
+    key = re.match(r'Parser key "([^"]+)":\s*', text)
+    if key is None:
+        text = re.sub(r"(arguments are required: )(.*)", lambda m: m[1] + ", ".join(f"--{a}" for a in m[2].split(", ")), text)
+        return f"{text.splitlines()[0]} (srdd sample --help lists the options)"
+    given = re.search(r"(?:Given value|Got value): (.*)$", text, re.M)
+    if given is None:  # not a type mismatch, e.g. a --config file that does not exist
+        return f"--{key.group(1)}: {text[key.end():].splitlines()[0]}"
+    tp = _option_types().get(key.group(1))
+    expected = f"; it takes {_describe(tp)}" if tp is not None else ""
+    return f"--{key.group(1)} {given.group(1)!r} is not valid{expected}"
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"srdd sample: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
-    """``srdd sample``: parse the options (``--help`` lists them with their documentation) and sample."""
+    """``srdd sample``: parse the options (``--help`` lists them with their documentation) and sample.
+
+    A user's mistake (a bad option value, a missing or unreadable file) prints one line ``srdd sample: error: ...``
+    and exits with status 2; ``--debug true`` (or SRDD_DEBUG=1) shows the traceback instead.
+    """
+    from argparse import ArgumentError
+
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # SamplingConfig's field docs become --help text
     parser = ArgumentParser(
         prog="srdd sample",
         description="Sample a trained generator into a folder: {index:06d}_c{class}.png, grid.png, samples.npz "
-        "(uint8 NHWC arr_0 + labels) and sampling.json. Resumable; multi-GPU under torchrun or SLURM.",
+        "(uint8 NHWC arr_0 + labels) and sampling.json. Resumable (same settings); several processes under "
+        "torchrun. Lists are written [a,b,...].",
+        exit_on_error=False,  # its errors come back here, to be reported in one line
     )
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with any of these options.")
     parser.add_function_arguments(sample_to_folder, nested_key=None, skip={"sampling"})
     parser.add_class_arguments(SamplingConfig, nested_key=None)
-    cfg = parser.parse_args(list(argv) if argv is not None else None)
+    parser.add_argument("--debug", type=bool, default=False,
+                        help="Show the traceback of an error instead of one line (also: environment SRDD_DEBUG=1).")  # fmt: skip
+    try:
+        cfg = parser.parse_args(list(argv) if argv is not None else None)
+    except ArgumentError as e:
+        _fail(_parse_error(e))
+    kwargs = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")}
+    debug = kwargs.pop("debug") or os.environ.get("SRDD_DEBUG", "") not in ("", "0")
     fields = {f.name for f in dataclasses.fields(SamplingConfig)}
-    kwargs = {k: v for k, v in cfg.as_dict().items() if k != "config"}
-    sampling = SamplingConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in fields})
-    out = sample_to_folder(sampling=sampling, **kwargs)
-    if dist_env()[0] == 0:
-        print(f"samples in {out}")
-    return out
+    try:
+        sampling = SamplingConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in fields})
+        return sample_to_folder(sampling=sampling, **kwargs)
+    except (ValueError, FileNotFoundError) as e:  # the project's input errors; anything else is a bug: traceback
+        if debug:
+            raise
+        _fail(str(e))
 
 
-__all__ = ["build_edit", "dist_env", "main", "parse_classes", "plan_labels", "sample_path", "sample_to_folder", "write_outputs"]
+__all__ = [
+    "RECORD_FORMAT",
+    "Ranks",
+    "build_edit",
+    "label_runs",
+    "main",
+    "own_files",
+    "parse_classes",
+    "plan_labels",
+    "prepare_folder",
+    "process_group",
+    "sample_path",
+    "sample_to_folder",
+    "settings_differences",
+    "write_outputs",
+]
