@@ -3,14 +3,12 @@ CLI, sample grids, ``srdd sample`` (files, resume, seeds, ranks, editing) and th
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,14 +19,12 @@ import dataclasses
 from srdd_lightning.cli import main
 from srdd_lightning.loading import load_generator, load_tokenizer, resolve_checkpoint
 from srdd_lightning.models.tokenizer import build_tokenizer, tokenizer_config
-from srdd_lightning.sampling.sampler import Sampler
 from srdd_lightning.stages.generator import SRDDModule, WarmupLinearDecay, token_cross_entropy, var_loss
-from srdd_lightning.utils.images import load_png, save_png, to_uint8
+from srdd_lightning.utils.images import load_png
 
 REPO = Path(__file__).resolve().parents[1]
 SRDD = "srdd_lightning.stages.generator.SRDDModule"
 SMALL = {"depth": 1, "width": 64, "num_heads": 2}  # a 1-block generator: seconds per fit on the CPU
-GREEDY = ["--cfg", "1.0", "--top_k", "0", "--top_p", "1.0"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,121 +367,6 @@ def test_changed_tokenizer_is_detected(trained, tmp_path):
     save_tokenizer_module_ckpt(other, seed=1)
     with pytest.raises(ValueError, match="trained with the tokenizer .*different weights"):
         SRDDModule.load_from_checkpoint(ckpt_path, tokenizer_ckpt=str(other))
-
-
-# --------------------------------------------------------------------------------------------
-# srdd sample
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def count_sampled(monkeypatch) -> list[int]:
-    """Batch sizes of every Sampler.sample call."""
-    calls: list[int] = []
-    real = Sampler.sample
-
-    def spy(self, labels_B, *a, **kw):
-        calls.append(len(labels_B))
-        return real(self, labels_B, *a, **kw)
-
-    monkeypatch.setattr(Sampler, "sample", spy)
-    return calls
-
-
-def test_sample_cli_writes_files_and_resumes(trained, tmp_path, count_sampled):
-    out = tmp_path / "s"
-    args = ["sample", "--ckpt", str(trained["ref"]), "--out", str(out), "--num_per_class", "2", "--classes", "0,3",
-            "--batch_size", "3", "--progress", "false", *GREEDY]  # fmt: skip
-    main(args)
-    names = sorted(p.name for p in out.glob("*.png") if p.name[0].isdigit())
-    assert names == ["000000_c0.png", "000001_c0.png", "000002_c3.png", "000003_c3.png"]
-    assert count_sampled == [3, 1]
-    npz = np.load(out / "samples.npz")
-    assert npz["arr_0"].shape == (4, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
-    assert npz["labels"].tolist() == [0, 0, 3, 3]
-    assert np.array_equal(npz["arr_0"][2], load_png(out / "000002_c3.png").permute(1, 2, 0).numpy())
-    rec = json.loads((out / "sampling.json").read_text())
-    assert rec["num_samples"] == 4 and rec["seed"] == 0 and rec["sampling"]["cfg"] == 1.0 and rec["ema"] is True
-    assert rec["cost_per_image"]["forward_passes"] == 4 and rec["seconds_per_image"] > 0
-    assert rec["checkpoint"].endswith("last.ckpt") and (out / "grid.png").exists()
-
-    # resume: only the missing sample is drawn, the others are left alone
-    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("0*.png")}
-    (out / "000001_c0.png").unlink()
-    count_sampled.clear()
-    main(args)
-    assert count_sampled == [1]
-    assert (out / "000001_c0.png").exists()
-    assert all(mtimes[n] == (out / n).stat().st_mtime_ns for n in mtimes if n != "000001_c0.png")
-    assert np.array_equal(np.load(out / "samples.npz")["arr_0"], npz["arr_0"])  # same seed -> same sample
-
-
-def test_sample_seeds_do_not_depend_on_batch_size_or_ranks(trained, tmp_path, monkeypatch):
-    common = ["--ckpt", str(trained["ref"]), "--num_samples", "5", "--seed", "11", "--progress", "false", "--cfg", "2.0",
-              "--top_k", "50", "--top_p", "0.9"]  # fmt: skip
-    main(["sample", "--out", str(tmp_path / "b5"), "--batch_size", "5", *common])
-    # two ranks with batch 2: rank 1 first (takes the odd indices, leaves grid/npz to rank 0), then rank 0
-    for rank in (1, 0):
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        monkeypatch.setenv("RANK", str(rank))
-        main(["sample", "--out", str(tmp_path / "r2"), "--batch_size", "2", *common])
-        if rank == 1:
-            assert sorted(p.name[:6] for p in (tmp_path / "r2").glob("0*.png")) == ["000001", "000003"]
-            assert not (tmp_path / "r2" / "samples.npz").exists()
-    a, b = np.load(tmp_path / "b5" / "samples.npz"), np.load(tmp_path / "r2" / "samples.npz")
-    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
-    assert a["labels"].tolist() == [0, 2, 4, 6, 8]  # 5 samples spread over 10 classes in blocks
-    assert len({a["arr_0"][i].tobytes() for i in range(5)}) > 1
-
-
-def test_sample_edit_modes(trained, tmp_path, digits_root):
-    img = torch.rand(1, 3, 16, 16) * 2 - 1
-    save_png(to_uint8(img)[0], tmp_path / "ref.png")
-    mask = torch.zeros(3, 16, 16, dtype=torch.uint8)
-    mask[:, 4:12, 4:12] = 255
-    save_png(mask, tmp_path / "hole.png")
-    save_png(to_uint8(img[:, :, ::2, ::2])[0], tmp_path / "small.png")
-    base = ["sample", "--ckpt", str(trained["ref"]), "--classes", "3", "--num_samples", "2", "--progress", "false", *GREEDY]
-    for mode, extra in {
-        "inpaint": ["--image", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "hole.png")],
-        "outpaint": ["--image", str(tmp_path / "ref.png"), "--keep_box", "4,4,12,12"],
-        "superres": ["--image", str(tmp_path / "small.png")],
-        "reconstruct": ["--image", str(tmp_path / "ref.png"), "--keep_scales", "2"],
-    }.items():
-        out = tmp_path / mode
-        main([*base, "--out", str(out), "--edit", mode, *extra])
-        assert len(list(out.glob("0000*_c3.png"))) == 2 and (out / "reference.png").exists(), mode
-        assert json.loads((out / "sampling.json").read_text())["edit"]["mode"] == mode
-    # reconstructing from every scale gives back the reference's tokens: all samples equal
-    main([*base, "--out", str(tmp_path / "all"), "--edit", "reconstruct", "--image", str(tmp_path / "ref.png"), "--keep_scales", "4"])
-    arr = np.load(tmp_path / "all" / "samples.npz")["arr_0"]
-    assert np.array_equal(arr[0], arr[1])
-
-
-def test_sample_errors(trained, tmp_path):
-    base = ["sample", "--ckpt", str(trained["ref"]), "--out", str(tmp_path / "e"), "--progress", "false"]
-    with pytest.raises(ValueError, match="class 12 is out of range: the model has 10 classes"):
-        main([*base, "--classes", "1,12", "--num_per_class", "1"])
-    with pytest.raises(ValueError, match="exactly one of --num_per_class"):
-        main([*base, "--num_per_class", "1", "--num_samples", "3"])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        main(["sample", "--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "e"), "--num_samples", "1"])
-    save_png(torch.zeros(3, 16, 16, dtype=torch.uint8), tmp_path / "ref.png")
-    save_png(torch.zeros(3, 8, 8, dtype=torch.uint8), tmp_path / "small_mask.png")
-    with pytest.raises(ValueError, match="--mask .* is 8x8 px but --image .* is 16x16"):
-        main([*base, "--num_samples", "1", "--edit", "inpaint", "--image", str(tmp_path / "ref.png"),
-              "--mask", str(tmp_path / "small_mask.png")])  # fmt: skip
-    save_png(torch.zeros(3, 20, 20, dtype=torch.uint8), tmp_path / "big.png")
-    with pytest.raises(ValueError, match="is 20x20 px, but the tokenizer .* needs 16x16"):
-        main([*base, "--num_samples", "1", "--edit", "reconstruct", "--image", str(tmp_path / "big.png"), "--keep_scales", "1"])
-
-
-def test_sample_help_documents_options(capsys):
-    with pytest.raises(SystemExit):
-        main(["sample", "--help"])
-    out = capsys.readouterr().out
-    for text in ("--num_per_class", "seed + i", "--top_k", "Keep the k most likely tokens", "--edit", "--keep_scales"):
-        assert text in out, text
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,10 +33,11 @@ DISC = {"layers": 2, "channels": 8}
 OPTIM = {"lr": 1e-3}
 
 
-def _module(tok: dict | None = None, loss: dict | None = None, disc: dict | None = None, **kw) -> TokenizerModule:
+def _module(tok: dict | None = None, loss: dict | None = None, disc: dict | None = None, optim: dict | None = None,
+            **kw) -> TokenizerModule:
     torch.manual_seed(0)
     return TokenizerModule(tokenizer={**DIGITS, **SMALL, **(tok or {})}, loss={**LOSS, **(loss or {})},
-                           discriminator={**DISC, **(disc or {})}, optim=OPTIM, **kw)  # fmt: skip
+                           discriminator={**DISC, **(disc or {})}, optim={**OPTIM, **(optim or {})}, **kw)  # fmt: skip
 
 
 def _images(n: int = 4, seed: int = 0) -> torch.Tensor:
