@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from srdd_lightning.utils.io import atomic_write
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Save to a temporary file in the target folder, fsync, then ``os.replace`` onto the final name."""
+    """Save to a temporary file in the target folder, fsync, then rename onto the final name (``utils.io``)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic within one filesystem
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_write(path, lambda f: torch.save(checkpoint, f))

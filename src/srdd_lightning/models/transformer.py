@@ -550,8 +550,9 @@ class VARTransformer(nn.Module):
         return 3 * batch * per_image
 
     def no_weight_decay_names(self) -> set[str]:
-        """Parameters AdamW should not decay: biases, 1-D params, embeddings, temperatures."""
-        embeddings = {"class_embed.weight", "level_embed.weight", "pos_start", "pos_embed"}
+        """Parameters AdamW should not decay, as VAR's ``filter_params``: biases, 1-D params, the position and level
+        embeddings, temperatures. The class embedding is decayed, as in VAR."""
+        embeddings = {"level_embed.weight", "pos_start", "pos_embed"}
         return {
             name
             for name, p in self.named_parameters()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
+
+from srdd_lightning.utils.io import atomic_write
 
 
 def to_uint8(img_B3HW: torch.Tensor) -> torch.Tensor:
@@ -33,12 +34,8 @@ def image_grid(img_B3HW: torch.Tensor, nrow: int | None = None, upscale: int = 1
 
 def save_png(img_3HW_uint8: torch.Tensor, path: str | Path) -> Path:
     """Write one uint8 image atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(img_3HW_uint8.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    image = Image.fromarray(img_3HW_uint8.permute(1, 2, 0).cpu().numpy())
+    return atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 def load_png(path: str | Path) -> torch.Tensor:
