@@ -14,6 +14,7 @@ from srdd_lightning.models.transformer import ATTN_MODES, build_generator
 from srdd_lightning.sampling import (
     EditSpec,
     Sampler,
+    RefineDecision,
     SamplingConfig,
     ScaleStats,
     box_mask,
@@ -280,71 +281,108 @@ def _refine_at(k: int, mode: str = "simple", steps: int = 1, **kw) -> SamplingCo
     return SamplingConfig(resample=modes, refine_steps=steps, **{**PLAIN, **kw})
 
 
-def test_simple_resampling_costs_one_pass_per_refined_scale(tok, gens):
-    sampler = Sampler(gens["markov"], tok)
-    base = sampler.sample(LABELS, SamplingConfig(**PLAIN), seeds=0)
-    config = SamplingConfig(resample=["none", "simple", "none", "simple"], refine_steps=1, **PLAIN)
-    refined = sampler.sample(LABELS, config, seeds=0)
-    assert base.cost.per_scale_passes == [1] * K and refined.cost.per_scale_passes == [1, 2, 1, 2]
-    assert refined.cost.forward_passes == base.cost.forward_passes + 2
-    assert refined.cost.tokens == base.cost.tokens + 2**2 + 4**2
-    assert refined.cost.attention_pairs == base.cost.attention_pairs + 2**4 + 4**4
-    assert not _same(base.tokens, refined.tokens)
-
-
-@pytest.mark.parametrize("attn,k,extra", [("causal", 3, 3), ("causal", 1, 1), ("markov_prev", 3, 4), ("markov_prev", 1, 1), ("markov", 3, 1)])
-def test_cached_masks_count_the_cache_replay(tok, gens, attn, k, extra):
-    """Refining scale k re-runs the coarser scales whose K/V changed: causal 1..k-1, markov_prev 0..k-1."""
-    sampler = Sampler(gens[attn], tok)
-    base = sampler.sample(LABELS, SamplingConfig(**PLAIN), seeds=0).cost
-    cost = sampler.sample(LABELS, _refine_at(k), seeds=0).cost
-    assert cost.per_scale_passes[k] == 1 + extra and cost.forward_passes == base.forward_passes + extra
-    replayed = {"causal": range(1, k), "markov_prev": range(0, k) if k >= 2 else range(0), "markov": range(0)}[attn]
-    assert cost.tokens == base.tokens + PNS[k] ** 2 + sum(PNS[j] ** 2 for j in replayed)
+def _p_of(probs_BlV, tokens_Bhw):
+    return probs_BlV.gather(-1, tokens_Bhw.flatten(1).unsqueeze(-1)).squeeze(-1)
 
 
 @pytest.mark.parametrize("attn", ATTN_MODES)
-@pytest.mark.parametrize("k", [1, 2])
-def test_refined_sample_is_consistent_with_teacher_forcing(tok, gens, attn, k):
-    """After refining scale k (greedy), scales >= k are the argmax given the re-degraded coarse tokens:
-    the cache of causal/markov_prev must hold the re-degraded states."""
-    gen = gens[attn]
-    out = Sampler(gen, tok).sample(LABELS, _refine_at(k, steps=2, top_k=1), seeds=0)
-    base = Sampler(gen, tok).sample(LABELS, SamplingConfig(**GREEDY), seeds=0)
-    assert not _same(out.tokens[:k], base.tokens[:k])  # the coarse tokens were re-degraded
-    logits = _tf_logits(gen, tok, LABELS, out.tokens)
-    for j in range(k, K):
-        assert torch.equal(out.tokens[j].flatten(1), logits[j].argmax(-1)), f"scale {j}"
-
-
-def _redegraded(tok, tokens):
-    """The coarse scales of a full sample's f_hat re-quantized by the tokenizer's own residual quantization."""
-    return tok.quantizer.quantize(tok.tokens_to_fhat(tokens), PNS).tokens[: K - 1]
+@pytest.mark.parametrize("mode", ["simple", "mask", "pc"])
+def test_cheap_modes_keep_the_state_and_reuse_the_prediction(tok, gens, attn, mode):
+    """simple / mask / pc redraw scale k from p(. | I_(k-1)): no pass, the coarse tokens are left alone, and the
+    scales after k follow the refined tokens (the causal cache holds the unchanged coarse scales)."""
+    gen, k = gens[attn], 2
+    sampler = Sampler(gen, tok)
+    base = sampler.sample(LABELS, SamplingConfig(**PLAIN), seeds=0)
+    out = sampler.sample(LABELS, _refine_at(k, mode, steps=2, p_resample=0.5), seeds=0)
+    assert out.cost == base.cost
+    assert _same(out.tokens[:k], base.tokens[:k])
+    assert not torch.equal(out.tokens[k], base.tokens[k])
+    greedy = sampler.sample(LABELS, _refine_at(k, mode, steps=2, p_resample=0.5, top_k=1), seeds=0)
+    logits = _tf_logits(gen, tok, LABELS, greedy.tokens)
+    for j in range(k + 1, K):
+        assert torch.equal(greedy.tokens[j].flatten(1), logits[j].argmax(-1)), f"scale {j}"
 
 
 def test_mask_resampling_keeps_the_likely_tokens(tok, gens):
     gen, sampler, last = gens["markov"], Sampler(gens["markov"], tok), K - 1
     first = sampler.sample(LABELS, SamplingConfig(**PLAIN), seeds=3).tokens  # the first draw (same uniforms)
-    coarse = _redegraded(tok, first)
-    probs = _tf_logits(gen, tok, LABELS, coarse + [first[last]])[last].softmax(-1)
-    p_cur = probs.gather(-1, first[last].flatten(1).unsqueeze(-1)).squeeze(-1)
+    probs = _tf_logits(gen, tok, LABELS, first)[last].softmax(-1)  # p_k given the unchanged coarse tokens
+    p_cur = _p_of(probs, first[last])
     p_res = p_cur.median().item()
     keep = p_cur >= p_res
     assert keep.any() and (~keep).any()
 
     out = sampler.sample(LABELS, _refine_at(last, "mask", p_resample=p_res), seeds=3).tokens
-    assert _same(out[:last], coarse)  # the sampler's re-degradation is the tokenizer's quantization
+    assert _same(out[:last], first[:last])
     final, before = out[last].flatten(1), first[last].flatten(1)
     assert torch.equal(final[keep], before[keep])
     assert (final[~keep] != before[~keep]).any()
 
     unchanged = sampler.sample(LABELS, _refine_at(last, "mask", p_resample=0.0), seeds=3).tokens
-    assert torch.equal(unchanged[last], first[last]) and _same(unchanged[:last], coarse)
+    assert _same(unchanged, first)
     like_simple = sampler.sample(LABELS, _refine_at(last, "mask", p_resample=1.0), seeds=3).tokens
     assert _same(like_simple, sampler.sample(LABELS, _refine_at(last, "simple"), seeds=3).tokens)
 
 
-@pytest.mark.parametrize("mode", ["simple", "mask"])
+def test_mask_resampling_converges_as_steps_grow(tok, gens):
+    """Each step redraws only tokens below the threshold, so the share of them falls geometrically with R."""
+    gen, sampler, last = gens["markov"], Sampler(gens["markov"], tok), K - 1
+    labels = torch.arange(64) % 10
+    low = []
+    for steps in (0, 1, 4, 16):
+        out = sampler.sample(labels, _refine_at(last, "mask", steps=steps, p_resample=0.05), seeds=0).tokens
+        probs = _tf_logits(gen, tok, labels, out)[last].softmax(-1)
+        low.append((_p_of(probs, out[last]) < 0.05).float().mean().item())
+    assert low[0] > 0.05 and low[0] > low[1] > low[2] >= low[3]
+
+
+def test_predictor_corrector_only_raises_token_probabilities(tok, gens):
+    gen, sampler, last = gens["markov"], Sampler(gens["markov"], tok), K - 1
+    first = sampler.sample(LABELS, SamplingConfig(**PLAIN), seeds=5).tokens
+    out = sampler.sample(LABELS, _refine_at(last, "pc", steps=3), seeds=5).tokens
+    probs = _tf_logits(gen, tok, LABELS, first)[last].softmax(-1)
+    p0, p1 = _p_of(probs, first[last]), _p_of(probs, out[last])
+    changed = first[last].flatten(1) != out[last].flatten(1)
+    assert changed.any() and (p1[changed] > p0[changed]).all() and torch.equal(p1[~changed], p0[~changed])
+
+
+@pytest.mark.parametrize("attn", ATTN_MODES)
+def test_renoise_requantizes_the_completed_sample(tok, gens, attn):
+    """Greedy renoise at scale k: the completion of I_k is the greedy sample itself, so the new coarse tokens are
+    M(k-1) of its latent, scale k is re-predicted from them, and the rest follows teacher forcing."""
+    gen, k = gens[attn], 2
+    sampler = Sampler(gen, tok)
+    base = sampler.sample(LABELS, SamplingConfig(**GREEDY), seeds=0)
+    out = sampler.sample(LABELS, _refine_at(k, "renoise", steps=1, top_k=1), seeds=0)
+    coarse = tok.quantizer.quantize(tok.tokens_to_fhat(base.tokens), PNS, num_scales=k).tokens
+    assert _same(out.tokens[:k], coarse) and not _same(coarse, base.tokens[:k])
+    logits = _tf_logits(gen, tok, LABELS, out.tokens)
+    for j in range(k, K):
+        assert torch.equal(out.tokens[j].flatten(1), logits[j].argmax(-1)), f"scale {j}"
+
+
+@pytest.mark.parametrize("attn,k,replay", [("causal", 3, 2), ("causal", 1, 0), ("markov_prev", 3, 3), ("markov_prev", 1, 1),
+                                          ("markov", 3, 0), ("markov", 1, 0)])
+def test_renoise_cost_counts_completion_replay_and_repass(tok, gens, attn, k, replay):
+    """One renoise step at scale k: the scales after k (completion), the coarse scales whose K/V changed or that
+    the completion evicted (causal 1..k-1, markov_prev 0..k-1) and scale k again."""
+    sampler = Sampler(gens[attn], tok)
+    base = sampler.sample(LABELS, SamplingConfig(**PLAIN), seeds=0).cost
+    cost = sampler.sample(LABELS, _refine_at(k, "renoise"), seeds=0).cost
+    completion = K - 1 - k
+    assert cost.per_scale_passes[k] == 1 + completion + replay + 1
+    replayed = {"causal": range(1, k), "markov_prev": range(0, k), "markov": range(0)}[attn]
+    extra = sum(PNS[j] ** 2 for j in range(k + 1, K)) + sum(PNS[j] ** 2 for j in replayed) + PNS[k] ** 2
+    assert cost.tokens == base.tokens + extra
+
+
+def test_refine_temperature_anneals_the_redraws(tok, gens):
+    gen, sampler, last = gens["markov"], Sampler(gens["markov"], tok), K - 1
+    out = sampler.sample(LABELS, _refine_at(last, "simple", refine_temperature=0.0), seeds=0).tokens
+    assert torch.equal(out[last].flatten(1), _tf_logits(gen, tok, LABELS, out)[last].argmax(-1))
+
+
+@pytest.mark.parametrize("mode", ["simple", "mask", "renoise"])
 def test_zero_refine_steps_is_no_refinement(tok, gens, mode):
     sampler = Sampler(gens["causal"], tok)
     base = sampler.sample(LABELS, SamplingConfig(cfg=1.5, top_k=30), seeds=4)
@@ -354,12 +392,12 @@ def test_zero_refine_steps_is_no_refinement(tok, gens, mode):
 
 
 def test_first_scale_refinement_reuses_its_prediction(tok, gens):
-    """At scale 0 the input is the start token: a refinement step redraws without another pass."""
+    """At scale 0 the input is the start token: every mode (renoise too) redraws without another pass."""
     sampler = Sampler(gens["markov"], tok)
-    out = sampler.sample(LABELS, _refine_at(0, steps=3, temperature=5.0), seeds=0)
-    assert out.cost.per_scale_passes == [1] * K
-    base = sampler.sample(LABELS, SamplingConfig(**PLAIN, temperature=5.0), seeds=0)
-    assert not torch.equal(out.tokens[0], base.tokens[0])
+    for mode in ("simple", "renoise"):
+        out = sampler.sample(LABELS, _refine_at(0, mode, steps=3, temperature=5.0), seeds=0)
+        assert out.cost.per_scale_passes == [1] * K
+        assert out.images.shape[-1] == tok.image_size and out.cost.forward_passes == K
 
 
 # ---- 7. editing --------------------------------------------------------------------------------------
@@ -428,7 +466,8 @@ def test_reconstruction_forces_the_first_scales(tok, gens, attn):
     sampler = Sampler(gens[attn], tok)
     out = sampler.sample(torch.tensor([1, 2, 3]), SamplingConfig(cfg=0.0, top_k=20, resample="simple", refine_steps=1), seeds=[0, 1, 2], edit=spec)
     assert _same([t.expand(3, -1, -1) for t in spec.tokens[:3]], out.tokens[:3])  # one reference, three samples
-    assert out.cost.forward_passes == (2 if attn == "markov" else 3 + 2 + 2)  # causal: + replay of scales 1, 2
+    # simple refinement reuses the prediction: markov runs scale 3 only; causal also feeds its cache with 0, 1, 2
+    assert out.cost.forward_passes == (1 if attn == "markov" else 3 + 1)
     with pytest.raises(ValueError, match="n_scales"):
         reconstruct(tok, img, n_scales=5)
     with pytest.raises(ValueError, match="scales"):
@@ -478,24 +517,61 @@ def test_policy_hook_overrides_the_refinement(tok, gens):
 
     def last_scale_twice(stats: ScaleStats):
         seen.append(stats)
-        return ("simple", 2, 0.5) if stats.scale == stats.num_scales - 1 else ("none", 0, 0.5)
+        return ("renoise", 2, 0.5) if stats.scale == stats.num_scales - 1 else ("none", 0, 0.5)
 
     sampler = Sampler(gens["markov"], tok)
-    config = SamplingConfig(cfg=1.5, top_k=50, resample="simple", refine_steps=3)  # overridden by the policy
+    config = SamplingConfig(cfg=1.5, top_k=50, resample="renoise", refine_steps=3)  # overridden by the policy
     base = sampler.sample(LABELS, SamplingConfig(cfg=1.5, top_k=50), seeds=0)
     out = sampler.sample(LABELS, config, seeds=0, policy=last_scale_twice)
     assert out.cost.per_scale_passes == [1, 1, 1, 3]
     assert out.cost.forward_passes == base.cost.forward_passes + 2
     assert out.cost.tokens == base.cost.tokens + 2 * 2 * 16  # two guided passes of the 4x4 scale
+    assert torch.equal(out.tokens_per_sample, torch.full((4,), out.cost.tokens))
     assert [s.scale for s in seen] == list(range(K))
     for s in seen:
         assert s.entropy_B.shape == (4,) and (s.entropy_B >= 0).all()
         assert ((s.max_prob_B > 0) & (s.max_prob_B <= 1)).all()
         assert ((s.low_prob_share_B >= 0) & (s.low_prob_share_B <= 1)).all()
-        assert s.features().shape == (4, 5)
+        assert s.features().shape == (4, 5) and s.probs_BlV.shape == (4, s.pn**2, 512)
+        assert (s.x_BlC is None) == (s.scale == 0) and torch.equal(s.labels_B, LABELS)
     assert seen[0].guidance == 0.0 and seen[-1].guidance == pytest.approx(1.5)
     with pytest.raises(ValueError, match="policy returned mode"):
         sampler.sample(LABELS, config, policy=lambda s: ("often", 1, 0.5))
+
+
+@pytest.mark.parametrize("mode", ["mask", "renoise"])
+def test_a_per_sample_decision_changes_only_that_sample(tok, gens, mode):
+    """Refinement for sample 1 only: every other sample is exactly the unrefined one (its own seed, untouched),
+    and only sample 1 pays for the extra passes."""
+    sampler = Sampler(gens["causal"], tok)
+    labels = torch.tensor([0, 3, 7])
+
+    def only_sample_1(stats):
+        steps = torch.tensor([0, 2, 0]) if stats.scale == 2 else torch.zeros(3, dtype=torch.long)
+        return RefineDecision(steps, mode, 0.9)
+
+    base = sampler.sample(labels, SamplingConfig(**PLAIN), seeds=[5, 6, 7])
+    out = sampler.sample(labels, SamplingConfig(**PLAIN), seeds=[5, 6, 7], policy=only_sample_1)
+    for i in (0, 2):
+        assert _same([t[i] for t in out.tokens], [t[i] for t in base.tokens]), i
+    assert not _same([t[1] for t in out.tokens], [t[1] for t in base.tokens])
+    if mode == "renoise":
+        assert out.tokens_per_sample[1] > base.tokens_per_sample[1]
+        assert torch.equal(out.tokens_per_sample[[0, 2]], base.tokens_per_sample[[0, 2]])
+
+
+def test_the_token_critic_decides_what_mask_resampling_redraws(tok, gens):
+    sampler, last = Sampler(gens["markov"], tok), K - 1
+    first = sampler.sample(LABELS, SamplingConfig(**PLAIN), seeds=2).tokens
+    keep_Bl = (torch.arange(16) % 3 == 0).expand(4, 16)  # the critic keeps every third token, whatever p says
+
+    def policy(stats):
+        steps = torch.full((4,), 1 if stats.scale == last else 0)
+        return RefineDecision(steps, "mask", 0.5, critic=lambda st, tokens_Bl: keep_Bl.float())
+
+    out = sampler.sample(LABELS, SamplingConfig(**PLAIN), seeds=2, policy=policy).tokens
+    final, before = out[last].flatten(1), first[last].flatten(1)
+    assert torch.equal(final[keep_Bl], before[keep_Bl]) and (final[~keep_Bl] != before[~keep_Bl]).any()
 
 
 # ---- modes, dtypes, devices --------------------------------------------------------------------------------

@@ -224,6 +224,10 @@ class MultiScaleTokenizer(nn.Module):
         """Generator inputs x_BLC, (B, L − pn_0², C): scale k ≥ 1 sees area_down(f_hat after scales < k, pn_k)."""
         return self.quantizer.teacher_forcing_inputs(tokens, patch_nums)
 
+    def next_input(self, f_hat_BChw: torch.Tensor, si: int, patch_nums: Sequence[int] | None = None) -> torch.Tensor | None:
+        """The generator's input for scale si + 1, area_down(f_hat, pn_{si+1}); None after the last scale."""
+        return self.quantizer.next_input(f_hat_BChw, si, patch_nums)
+
     def next_state(self, si: int, f_hat_BChw: torch.Tensor, tokens_Bhw: torch.Tensor, patch_nums: Sequence[int] | None = None):
         """Sampler step: (f_hat + h_si, input for scale si + 1 (B, C, pn, pn) or None at the last scale); no in-place change."""
         return self.quantizer.next_state(si, f_hat_BChw, tokens_Bhw, patch_nums)

@@ -12,6 +12,7 @@ from srdd_lightning.sampling.editing import (
 )
 from srdd_lightning.sampling.sampler import (
     RESAMPLE_MODES,
+    RefineDecision,
     ResamplingPolicy,
     Sampler,
     ScaleSettings,
@@ -28,6 +29,7 @@ from srdd_lightning.sampling.sampler import (
 __all__ = [
     "EditSpec",
     "RESAMPLE_MODES",
+    "RefineDecision",
     "ResamplingPolicy",
     "SampleOutput",
     "Sampler",

@@ -15,12 +15,13 @@ from typing import Any, Literal, Union, get_args
 import torch
 
 GuidanceSchedule = Literal["linear", "constant"]
-ResampleMode = Literal["none", "simple", "mask"]
+ResampleMode = Literal["none", "simple", "mask", "pc", "renoise"]
 # A setting given once for every scale, or as one value per scale of the sampling schedule.
 PerScale = Union[float, list[float]]
 RESAMPLE_MODES: tuple[str, ...] = get_args(ResampleMode)
 # Fields that take one value per scale of the sampling schedule (cfg_schedule only as an explicit list).
-PER_SCALE_FIELDS = ("cfg_schedule", "top_k", "top_p", "temperature", "resample", "refine_steps", "p_resample")
+PER_SCALE_FIELDS = ("cfg_schedule", "top_k", "top_p", "temperature", "resample", "refine_steps", "p_resample",
+                    "refine_temperature")
 
 
 def _finite_nonneg(v: Any) -> bool:
@@ -69,12 +70,18 @@ class SamplingConfig:
     temperature: PerScale = 1.0
     """Softmax temperature of the (guided) logits."""
     resample: ResampleMode | list[ResampleMode] = "none"
-    """Refinement at a scale: ``simple`` re-degrades the state and predicts the scale again; ``mask`` does the
-    same but keeps the tokens whose probability is >= ``p_resample`` and redraws only the others."""
+    """Refinement of a scale, R times (README "Refinement"): ``simple`` redraws the scale from its prediction (the
+    state I_(k-1) is unchanged, so this is a fresh draw); ``mask`` keeps the tokens whose probability is >=
+    ``p_resample`` and redraws the others; ``pc`` (predictor-corrector) redraws and keeps a new token only where
+    its probability is higher; ``renoise`` completes the image, re-degrades the completed latent onto the coarser
+    scales (the forward process M(k-1) applied to the model's estimate of x_0) and predicts the scale again."""
     refine_steps: int | list[int] = 0
-    """Refinement steps R per scale (each costs one extra forward pass of that scale)."""
+    """Refinement steps R per scale (simple/mask/pc reuse the scale's prediction; each renoise step costs the
+    passes of the remaining scales plus one of this scale)."""
     p_resample: PerScale = 0.5
     """Mask resampling: tokens whose probability under the model is >= this are kept."""
+    refine_temperature: PerScale | None = None
+    """Temperature of the redraws during refinement (null: ``temperature``); below 1 anneals towards the mode."""
 
     def __post_init__(self) -> None:
         # Every caller (srdd sample, callbacks, the table, a notebook) gets the same check, before any model is
@@ -99,6 +106,8 @@ class SamplingConfig:
         _check("resample", self.resample, lambda v: v in RESAMPLE_MODES, f"one of {', '.join(RESAMPLE_MODES)}")
         _check("refine_steps", self.refine_steps, _int_nonneg, "an integer >= 0")
         _check("p_resample", self.p_resample, _probability, "in [0, 1]")
+        if self.refine_temperature is not None:
+            _check("refine_temperature", self.refine_temperature, _finite_nonneg, "a finite number >= 0 (0: greedy)")
 
     def check_schedule(self, schedule: Sequence[int]) -> None:
         """Every per-scale list has one entry per scale of the sampling ``schedule`` (known only with the model)."""
@@ -111,6 +120,8 @@ class SamplingConfig:
     def per_scale(self, name: str, num_scales: int) -> list:
         """The value of field ``name`` at each of ``num_scales`` scales (a list must have exactly that length)."""
         value = getattr(self, name)
+        if name == "refine_temperature" and value is None:
+            value = self.temperature
         if name == "cfg_schedule" and isinstance(value, str):
             raise ValueError("cfg_schedule as a name is expanded by the sampler, not per_scale")
         if isinstance(value, (list, tuple)):
@@ -144,13 +155,14 @@ class EditSpec:
 class SamplingCost:
     """Compute spent per image: transformer evaluations and the tokens they processed."""
 
-    forward_passes: int = 0
-    """Scale evaluations of the transformer (one per scale plus one per refinement step)."""
-    tokens: int = 0
-    """Query tokens processed, counting the doubled guidance batch (the linear-layer FLOPs scale with this)."""
-    attention_pairs: int = 0
-    """Query-key pairs attended (counting guidance), which the mask decides: markov << causal."""
-    per_scale_passes: list[int] = field(default_factory=list)
+    forward_passes: float = 0
+    """Scale evaluations of the transformer per image (one per scale plus what refinement adds; a pass that only
+    some samples of a batch needed counts as that share)."""
+    tokens: float = 0
+    """Query tokens processed per image, counting the doubled guidance batch (the linear-layer FLOPs scale with this)."""
+    attention_pairs: float = 0
+    """Query-key pairs attended per image (counting guidance), which the mask decides: markov << causal."""
+    per_scale_passes: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,6 +176,8 @@ class SampleOutput:
     tokens: list[torch.Tensor]
     cost: SamplingCost
     schedule: tuple[int, ...] = ()
+    tokens_per_sample: torch.Tensor | None = None
+    """(B,) query tokens each sample's passes processed (the per-sample cost a resampling policy pays for)."""
 
 
 def as_seed_list(seeds: Sequence[int] | torch.Tensor | int | None, batch: int) -> list[int] | None:

@@ -1,5 +1,5 @@
-"""The one sampler: next-scale generation with guidance, top-k/top-p, per-sample seeds, resampling
-(refinement), zero-shot editing and an optional resampling policy (DESIGN §2.3).
+"""The one sampler: next-scale generation with guidance, top-k/top-p, per-sample seeds, refinement (resampling),
+zero-shot editing and a per-sample / per-token resampling policy (DESIGN §2.3, §2.4).
 
 For k = 0..K-1 over the sampling schedule (a subset of the trained scales ending at the last one):
 
@@ -9,12 +9,19 @@ For k = 0..K-1 over the sampling schedule (a subset of the trained scales ending
     r_k      ~ p_k                        (inverse CDF with each sample's own uniforms)
     f_hat_k  = f_hat_{k-1} + φ_k(up(codebook[r_k]))
 
-Refinement at scale k (R steps; ``simple`` or ``mask``), each step:
+Refinement of scale k, R steps. The state before scale k, I_{k-1} = (r_0..r_{k-1}), is the chain's state: dropping
+scale k's tokens *is* the forward process, so a Markov (or causal) model predicts the same p_k again and the
+cheap modes reuse it (no extra pass):
 
-    (r'_0..r'_{k-1}, f'_{k-1}) = M(k-1)·f_hat_k     re-degrade: residual re-quantization of the sample
-    p'_k  = p(· | area_down(f'_{k-1}, pn_k))       one forward pass (causal/markov_prev: + cache replay)
-    r_k   ← redraw all (simple) | keep r_k[i] where p'_k(r_k[i]) ≥ p_resample, redraw the rest (mask)
-    f_hat_k = f'_{k-1} + φ_k(up(codebook[r_k]))     the coarse tokens become r'_0..r'_{k-1}
+    simple   r_k ← a fresh draw from p_k
+    mask     keep r_k[i] where p_k(r_k[i]) ≥ p_resample (or where a token critic scores it so), redraw the rest
+    pc       draw r'; keep r'[i] only where p_k(r'[i]) > p_k(r_k[i])    (predictor–corrector: probability rises)
+    renoise  x̂_0 = complete the sample from I_k;  (r'_0..r'_{k-1}) = M(k-1)·x̂_0   (residual re-quantization of
+             the completed latent: the forward process applied to the model's estimate of x_0, a state of the
+             kind training showed the model);  p_k ← p(· | I'_{k-1});  r_k ~ p_k;  the coarse tokens become r'
+
+Re-quantizing the *partial* f_hat_k instead (what an earlier version did) gives coarse states the model never
+saw in training and rewrites them at every step, so samples drift off the data as R grows (README, Refinement).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +41,14 @@ from srdd_lightning.models.tokenizer import MultiScaleTokenizer
 from srdd_lightning.models.transformer import VARTransformer
 from srdd_lightning.sampling.config import (
     EditSpec,
+    ResampleMode,
     SampleOutput,
     SamplingConfig,
     SamplingCost,
     as_seed_list,
 )
 
-RESAMPLE_MODES: tuple[str, ...] = ("none", "simple", "mask")
+RESAMPLE_MODES: tuple[str, ...] = get_args(ResampleMode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,6 +68,7 @@ class ScaleSettings:
     resample: str
     refine_steps: int
     p_resample: float
+    refine_temperature: float = 1.0
 
 
 def guidance_weights(config: SamplingConfig, num_scales: int) -> list[float]:
@@ -80,7 +90,8 @@ def guidance_weights(config: SamplingConfig, num_scales: int) -> list[float]:
 def scale_settings(config: SamplingConfig, schedule: Sequence[int]) -> list[ScaleSettings]:
     """Expand and validate ``config`` into one :class:`ScaleSettings` per scale of ``schedule``."""
     K = len(schedule)
-    cols = {name: config.per_scale(name, K) for name in ("top_k", "top_p", "temperature", "resample", "refine_steps", "p_resample")}
+    cols = {name: config.per_scale(name, K)
+            for name in ("top_k", "top_p", "temperature", "resample", "refine_steps", "p_resample", "refine_temperature")}
     out = []
     for k, (pn, t) in enumerate(zip(schedule, guidance_weights(config, K))):
         top_k, top_p, temp = int(cols["top_k"][k]), float(cols["top_p"][k]), float(cols["temperature"][k])
@@ -95,7 +106,7 @@ def scale_settings(config: SamplingConfig, schedule: Sequence[int]) -> list[Scal
             raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {mode!r} at scale {k}")
         if steps < 0:
             raise ValueError(f"refine_steps must be >= 0, got {steps} at scale {k}")
-        out.append(ScaleSettings(int(pn), t, top_k, top_p, temp, mode, steps, p_res))
+        out.append(ScaleSettings(int(pn), t, top_k, top_p, temp, mode, steps, p_res, float(cols["refine_temperature"][k])))
     return out
 
 
@@ -157,10 +168,15 @@ class _Uniforms:
         self.batch, self.device = batch, device
         self.gens = None if seeds is None else [torch.Generator().manual_seed(s) for s in seeds]
 
-    def __call__(self, n: int) -> torch.Tensor:
+    def __call__(self, n: int, rows_B: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n) uniforms; with ``rows_B`` (bool) only those samples draw (the others get zeros), so a sample's
+        stream never depends on what other samples of its batch do."""
         if self.gens is None:
             return torch.rand(self.batch, n, device=self.device)
-        return torch.stack([torch.rand(n, generator=g) for g in self.gens]).to(self.device, non_blocking=True)
+        rows = [True] * self.batch if rows_B is None else rows_B.tolist()
+        zero = torch.zeros(n)
+        return torch.stack([torch.rand(n, generator=g) if r else zero for g, r in zip(self.gens, rows)]).to(
+            self.device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,11 +186,11 @@ class _Uniforms:
 
 @dataclass
 class ScaleStats:
-    """Cheap statistics of the prediction at one scale, handed to a resampling policy (per sample: ``(B,)``).
+    """What a resampling policy sees at one scale, per sample: the prediction and cheap statistics of it.
 
-    Computed from the guided, filtered distribution p_k of the scale's first draw r_k:
-    entropy H = mean_i −Σ_v p log p (nats), max-probability mean_i max_v p, and the share of drawn tokens
-    with p(r_k[i]) < p_resample (the config's threshold at this scale).
+    Statistics come from the guided, filtered distribution p_k of the scale's first draw r_k: entropy
+    H = mean_i −Σ_v p log p (nats), max-probability mean_i max_v p, and the share of drawn tokens with
+    p(r_k[i]) < p_resample (the config's threshold at this scale).
     """
 
     scale: int
@@ -189,6 +205,14 @@ class ScaleStats:
     entropy_B: torch.Tensor
     max_prob_B: torch.Tensor
     low_prob_share_B: torch.Tensor
+    labels_B: torch.Tensor | None = None
+    """The requested classes (B,)."""
+    probs_BlV: torch.Tensor | None = None
+    """p_k, (B, pn², V)."""
+    tokens_Bl: torch.Tensor | None = None
+    """The first draw r_k, (B, pn²)."""
+    x_BlC: torch.Tensor | None = None
+    """The scale's input: area_down(f_hat_{k−1}, pn_k) as (B, pn², Cvae); None at the first scale (start token)."""
 
     def features(self) -> torch.Tensor:
         """(B, 5) float features for a small policy network: k/(K−1), t, H/log V, max-prob, low-prob share."""
@@ -199,31 +223,60 @@ class ScaleStats:
         return torch.cat((const, per_sample), dim=1)
 
 
-# policy(stats) -> (mode, refine_steps, p_resample) for that scale and batch
-ResamplingPolicy = Callable[[ScaleStats], tuple[str, int, float]]
+# critic(stats, tokens_Bl) -> keep-scores (B, pn²): mask resampling keeps a token where its score >= p_resample
+TokenCritic = Callable[[ScaleStats, torch.Tensor], torch.Tensor]
 
 
-def _scale_stats(k: int, st: ScaleSettings, K: int, probs_BlV: torch.Tensor, drawn_Bl: torch.Tensor) -> ScaleStats:
+@dataclass
+class RefineDecision:
+    """A policy's decision at one scale, per sample: how many steps, which mode, which threshold — and which
+    tokens (``critic``: mask resampling keeps the tokens it scores >= the threshold, instead of p_k)."""
+
+    steps_B: torch.Tensor
+    """(B,) refinement steps per sample (0: none)."""
+    mode: str | list[str] = "mask"
+    """One mode for all samples or one per sample (RESAMPLE_MODES)."""
+    p_resample_B: torch.Tensor | float = 0.5
+    """(B,) or one threshold."""
+    critic: TokenCritic | None = None
+
+
+# policy(stats) -> RefineDecision, or (mode, refine_steps, p_resample) for the whole batch
+ResamplingPolicy = Callable[[ScaleStats], "RefineDecision | tuple[str, int, float]"]
+
+
+def _scale_stats(k: int, st: ScaleSettings, K: int, probs_BlV, drawn_Bl, labels_B, x_BlC) -> ScaleStats:
     p_drawn_Bl = probs_BlV.gather(-1, drawn_Bl.unsqueeze(-1)).squeeze(-1)
     return ScaleStats(
         scale=k, num_scales=K, pn=st.pn, guidance=st.guidance, p_resample=st.p_resample, vocab_size=probs_BlV.shape[-1],
         entropy_B=torch.special.entr(probs_BlV).sum(-1).mean(-1),
         max_prob_B=probs_BlV.amax(-1).mean(-1),
         low_prob_share_B=(p_drawn_Bl < st.p_resample).float().mean(-1),
+        labels_B=labels_B, probs_BlV=probs_BlV, tokens_Bl=drawn_Bl, x_BlC=x_BlC,
     )  # fmt: skip
 
 
-def _check_decision(decision, k: int) -> tuple[str, int, float]:
-    try:
-        mode, steps, p = decision
-    except (TypeError, ValueError):
-        raise TypeError(f"a resampling policy must return (mode, refine_steps, p_resample), got {decision!r} at scale {k}") from None
-    if mode not in RESAMPLE_MODES:
-        raise ValueError(f"the resampling policy returned mode {mode!r} at scale {k}; expected one of {RESAMPLE_MODES}")
-    steps = int(steps)
-    if steps < 0:
-        raise ValueError(f"the resampling policy returned refine_steps={steps} < 0 at scale {k}")
-    return mode, steps, float(p)
+def _as_decision(decision, k: int, batch: int, device) -> RefineDecision:
+    """A policy's answer as a per-sample :class:`RefineDecision`, validated."""
+    if not isinstance(decision, RefineDecision):
+        try:
+            mode, steps, p = decision
+        except (TypeError, ValueError):
+            raise TypeError(f"a resampling policy must return a RefineDecision or (mode, refine_steps, p_resample), "
+                            f"got {decision!r} at scale {k}") from None  # fmt: skip
+        decision = RefineDecision(torch.full((batch,), int(steps), dtype=torch.long), mode, float(p))
+    modes = [decision.mode] * batch if isinstance(decision.mode, str) else list(decision.mode)
+    bad = sorted({m for m in modes if m not in RESAMPLE_MODES})
+    if bad or len(modes) != batch:
+        raise ValueError(f"the resampling policy returned mode(s) {bad or modes!r} at scale {k}; expected one of "
+                         f"{RESAMPLE_MODES}, one per sample ({batch})")  # fmt: skip
+    steps_B = torch.as_tensor(decision.steps_B).to(device=device, dtype=torch.long).reshape(-1)
+    if steps_B.shape != (batch,) or (steps_B < 0).any():
+        raise ValueError(f"the resampling policy returned refine_steps {steps_B.tolist()} at scale {k}: "
+                         f"need {batch} values >= 0")  # fmt: skip
+    steps_B = torch.where(torch.tensor([m == "none" for m in modes], device=device), 0, steps_B)
+    p_B = torch.as_tensor(decision.p_resample_B, dtype=torch.float32, device=device).expand(batch)
+    return RefineDecision(steps_B, modes, p_B, decision.critic)
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,8 +401,9 @@ class Sampler:
 
         ``seeds``: one per sample (or an int s, giving s, s+1, ...): sample i then depends only on its seed,
         not on the batch; None uses the global RNG. ``edit`` forces known tokens (``sampling.editing``).
-        ``policy(stats) -> (mode, refine_steps, p_resample)`` overrides the refinement settings per scale
-        (for the whole batch; not consulted at scales an edit forces entirely).
+        ``policy(stats) -> RefineDecision`` (per sample: steps, mode, threshold, and optionally a token critic) or
+        ``(mode, refine_steps, p_resample)`` (the whole batch) replaces the refinement settings at every scale
+        (not consulted at scales an edit forces entirely).
         Runs without gradients in eval mode (restored afterwards); a policy needing gradients wraps its
         own computation in ``torch.enable_grad()``.
         """
@@ -361,16 +415,18 @@ class Sampler:
         with eval_mode(self.generator, self.tokenizer):
             f_hat, tokens = run()
             images = self.tokenizer.decode(f_hat).float()
-        return SampleOutput(images=images, tokens=tokens, cost=run.cost, schedule=sched)
+        return SampleOutput(images=images, tokens=tokens, cost=run.cost, schedule=sched,
+                            tokens_per_sample=run.tokens_B.cpu())
 
 
 class _Run:
-    """State of one ``Sampler.sample`` call: condition, cache, uniforms, forced tokens, cost."""
+    """State of one ``Sampler.sample`` call: condition, cache, uniforms, forced tokens, inputs, cost."""
 
     def __init__(self, sampler: Sampler, labels_B, sched, settings, seeds, edit, policy) -> None:
         self.gen, self.tok = sampler.generator, sampler.tokenizer
         self.sched, self.settings, self.policy = sched, settings, policy
         self.K, self.B, self.device = len(sched), labels_B.shape[0], labels_B.device
+        self.labels_B = labels_B
         self.attn = self.gen.config.attn
         self.uniforms = _Uniforms(seeds, self.B, self.device)
         self.forced = _forced_per_scale(edit, sched, self.B, self.tok, self.device)
@@ -382,11 +438,14 @@ class _Run:
         self.cond_BD, self.cond_2BD = cond_2BD[: self.B], cond_2BD
         self.cache = self.gen.new_cache(sched) if self.attn != "markov" else None
         self.cost = SamplingCost(per_scale_passes=[0] * self.K)
+        self.tokens_B = torch.zeros(self.B, device=self.device)  # per-sample query tokens (the policy's cost)
+        self.inputs: list[torch.Tensor | None] = [None] * self.K  # x_k (B, C, pn, pn) actually used at each scale
 
     # ---- one transformer pass, with its cost ---------------------------------------------------
 
-    def forward(self, j: int, x_BChw: torch.Tensor | None, charge_to: int) -> torch.Tensor:
-        """Logits_BlV of scale j (guided when t_j > 0); its cost is charged to scale ``charge_to``."""
+    def forward(self, j: int, x_BChw: torch.Tensor | None, charge_to: int, who_B: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits_BlV of scale j (guided when t_j > 0); its cost is charged to scale ``charge_to`` and to the
+        samples ``who_B`` (bool (B,), default all) that needed the pass."""
         doubled, t = self.doubled[j], self.settings[j].guidance
         x_BlC = None if x_BChw is None else x_BChw.flatten(2).transpose(1, 2)
         if doubled and x_BlC is not None:
@@ -396,21 +455,24 @@ class _Run:
             logits = self.gen.forward_scale(j, cond, x_BlC, schedule=self.sched)
         else:
             logits = self.gen.forward_scale(j, cond, x_BlC, self.cache)
-        self._charge(j, 2 if doubled else 1, charge_to)
+        self._charge(j, 2 if doubled else 1, charge_to, who_B)
         if not doubled:
             return logits
         cond_BlV, uncond_BlV = logits.chunk(2)
         return cond_BlV if t == 0 else guided_logits(cond_BlV, uncond_BlV, t)
 
-    def _charge(self, j: int, rows: int, charge_to: int) -> None:
-        # per image: pn² query tokens (×2 with guidance); keys per the mask
+    def _charge(self, j: int, rows: int, charge_to: int, who_B: torch.Tensor | None) -> None:
+        # per image: pn² query tokens (×2 with guidance); keys per the mask; a pass that only some samples
+        # needed costs each image its share
+        share = 1.0 if who_B is None else float(who_B.float().mean())
         q = self.sched[j] ** 2
         lo = {"markov": j, "markov_prev": max(j - 1, 0), "causal": 0}[self.attn]
         keys = sum(p * p for p in self.sched[lo : j + 1])
-        self.cost.forward_passes += 1
-        self.cost.tokens += rows * q
-        self.cost.attention_pairs += rows * q * keys
-        self.cost.per_scale_passes[charge_to] += 1
+        self.cost.forward_passes += share
+        self.cost.tokens += rows * q * share
+        self.cost.attention_pairs += rows * q * keys * share
+        self.cost.per_scale_passes[charge_to] += share
+        self.tokens_B += rows * q * (1.0 if who_B is None else who_B.float())
 
     # ---- editing -----------------------------------------------------------------------------
 
@@ -418,80 +480,127 @@ class _Run:
         fz = self.forced[k]
         return r_Bhw if fz.keep is None else torch.where(fz.keep, fz.ref, r_Bhw)
 
+    # ---- drawing -----------------------------------------------------------------------------------
+
+    def probs(self, logits_BlV: torch.Tensor, st: ScaleSettings, refine: bool = False) -> torch.Tensor:
+        return sampling_probs(logits_BlV, st.top_k, st.top_p, st.refine_temperature if refine else st.temperature)
+
+    def draw(self, probs_BlV: torch.Tensor, who_B: torch.Tensor | None = None) -> torch.Tensor:
+        return draw_tokens(probs_BlV, self.uniforms(probs_BlV.shape[1], who_B))
+
     # ---- refinement ------------------------------------------------------------------------------
 
-    def redegrade(self, f_hat_BChw: torch.Tensor, k: int) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
-        """M(k−1) applied to the sample: residual re-quantization of ``f_hat`` onto scales 0..k−1 (forced
-        tokens stay forced). Returns the coarse tokens, the state f'_{k−1} and the inputs of scales 1..k."""
-        q = self.tok.quantizer
-        coarse = q.quantize(f_hat_BChw, self.sched, num_scales=k, force=self.force)
-        inputs = [q.next_input(f, j, self.sched) for j, f in enumerate(coarse.f_hats)]
-        return coarse.tokens, coarse.f_hat, inputs
-
-    def replay_cache(self, k: int, inputs: list[torch.Tensor]) -> None:
-        """Recompute the K/V of the coarser scales from the re-degraded states (causal: 1..k−1, scale 0's
-        start token is unchanged; markov_prev: 0..k−1 since its cache only holds scale k−1 and k)."""
+    def replay_cache(self, k: int, who_B: torch.Tensor) -> None:
+        """Recompute the K/V of the coarser scales from the current inputs (causal: 1..k−1, scale 0's start token
+        is unchanged; markov_prev: 0..k−1, since the completion left only the last scales in its cache)."""
         if self.attn == "causal":
             scales = range(1, k)
         elif self.attn == "markov_prev":
-            scales = range(0, k) if k >= 2 else range(0)
+            scales = range(0, k)
         else:
             return
         for j in scales:
-            self.forward(j, None if j == 0 else inputs[j - 1], charge_to=k)
+            self.forward(j, self.inputs[j], charge_to=k, who_B=who_B)
+
+    def complete(self, k: int, f_hat: torch.Tensor, who_B: torch.Tensor) -> torch.Tensor:
+        """x̂_0: the scales after k drawn with their own settings (no refinement, edits forced), from f_hat."""
+        x = self.tok.next_input(f_hat, k, self.sched)
+        for j in range(k + 1, self.K):
+            st, pn = self.settings[j], self.settings[j].pn
+            drawn_Bl = self.draw(self.probs(self.forward(j, x, charge_to=k, who_B=who_B), st), who_B)
+            f_hat, x = self.tok.next_state(j, f_hat, self.force(j, drawn_Bl.view(self.B, pn, pn)), self.sched)
+        return f_hat
+
+    def refine(self, k: int, st: ScaleSettings, dec: RefineDecision, r_Bl, probs_BlV, f_prev, tokens) -> tuple:
+        """R refinement steps of scale k (per-sample steps and modes); returns (r_Bl, f_prev) and updates ``tokens``
+        (the coarse ones change under renoise)."""
+        B, pn = self.B, st.pn
+        modes = dec.mode
+        for step in range(int(dec.steps_B.max()) if dec.steps_B.numel() else 0):
+            active_B = dec.steps_B > step
+            for mode in sorted(set(modes)):
+                sel_B = active_B & torch.tensor([m == mode for m in modes], device=self.device)
+                if not sel_B.any():
+                    continue
+                if mode == "renoise" and k > 0:
+                    probs_BlV, f_prev = self._renoise(k, st, r_Bl, probs_BlV, f_prev, tokens, sel_B)
+                cand_Bl = self.draw(probs_BlV, sel_B)
+                if mode == "mask":
+                    score_Bl = (dec.critic(self.stats, r_Bl) if dec.critic is not None
+                                else probs_BlV.gather(-1, r_Bl.unsqueeze(-1)).squeeze(-1))  # fmt: skip
+                    cand_Bl = torch.where(score_Bl >= dec.p_resample_B[:, None], r_Bl, cand_Bl)
+                elif mode == "pc":
+                    p_cur = probs_BlV.gather(-1, r_Bl.unsqueeze(-1)).squeeze(-1)
+                    p_new = probs_BlV.gather(-1, cand_Bl.unsqueeze(-1)).squeeze(-1)
+                    cand_Bl = torch.where(p_new > p_cur, cand_Bl, r_Bl)
+                cand_Bl = self.force(k, cand_Bl.view(B, pn, pn)).view(B, -1)
+                r_Bl = torch.where(sel_B[:, None], cand_Bl, r_Bl)
+        return r_Bl, f_prev
+
+    def _renoise(self, k: int, st: ScaleSettings, r_Bl, probs_BlV, f_prev, tokens, sel_B):
+        """M(k−1)·x̂_0 for the selected samples: new coarse tokens and state, and p_k predicted from it."""
+        B, pn = self.B, st.pn
+        f_k, _ = self.tok.next_state(k, f_prev, r_Bl.view(B, pn, pn), self.sched)
+        coarse = self.tok.quantizer.quantize(self.complete(k, f_k, sel_B), self.sched, num_scales=k, force=self.force)
+        pick = sel_B.view(B, 1, 1, 1)
+        for j in range(k):
+            sel_hw = sel_B.view(B, 1, 1)
+            tokens[j] = torch.where(sel_hw, coarse.tokens[j], tokens[j])
+            if j + 1 < k:
+                x = self.tok.next_input(coarse.f_hats[j], j, self.sched)
+                self.inputs[j + 1] = torch.where(pick, x, self.inputs[j + 1])
+        f_prev = torch.where(pick, coarse.f_hat, f_prev)
+        self.inputs[k] = self.tok.next_input(f_prev, k - 1, self.sched)
+        self.replay_cache(k, sel_B)
+        new_BlV = self.probs(self.forward(k, self.inputs[k], charge_to=k, who_B=sel_B), st, refine=True)
+        return torch.where(sel_B[:, None, None], new_BlV, probs_BlV), f_prev
 
     # ---- the loop ----------------------------------------------------------------------------------
+
+    def decision(self, k: int, st: ScaleSettings, probs_BlV, drawn_Bl) -> RefineDecision:
+        x_BlC = None if self.inputs[k] is None else self.inputs[k].flatten(2).transpose(1, 2)
+        self.stats = _scale_stats(k, st, self.K, probs_BlV, drawn_Bl, self.labels_B, x_BlC)
+        if self.policy is not None:
+            return _as_decision(self.policy(self.stats), k, self.B, self.device)
+        steps = st.refine_steps if st.resample != "none" else 0
+        return _as_decision((st.resample, steps, st.p_resample), k, self.B, self.device)
 
     def __call__(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         B, sched, tok = self.B, self.sched, self.tok
         size = sched[-1]
         f_hat = torch.zeros(B, self.gen.config.latent_dim, size, size, device=self.device)
-        x_next: torch.Tensor | None = None
         tokens: list[torch.Tensor] = []
         for k, st in enumerate(self.settings):
             pn, fz = st.pn, self.forced[k]
             if fz.full:
                 # known scale: the pass only feeds the cache of later scales (markov needs none)
                 if self.cache is not None:
-                    self.forward(k, x_next, charge_to=k)
+                    self.forward(k, self.inputs[k], charge_to=k)
                 r_Bhw = fz.ref.expand(B, pn, pn).contiguous()
-                f_hat, x_next = tok.next_state(k, f_hat, r_Bhw, sched)
-                tokens.append(r_Bhw)
-                continue
-
-            probs_BlV = sampling_probs(self.forward(k, x_next, charge_to=k), st.top_k, st.top_p, st.temperature)
-            drawn_Bl = draw_tokens(probs_BlV, self.uniforms(pn * pn))
-            mode, steps, p_res = st.resample, st.refine_steps, st.p_resample
-            if self.policy is not None:
-                mode, steps, p_res = _check_decision(self.policy(_scale_stats(k, st, self.K, probs_BlV, drawn_Bl)), k)
-            r_Bhw = self.force(k, drawn_Bl.view(B, pn, pn))
-            f_prev = f_hat
-            f_new, x_new = tok.next_state(k, f_prev, r_Bhw, sched)
-            for _ in range(steps if mode != "none" else 0):
-                if k > 0:  # at k = 0 the input is the start token: the prediction is unchanged, reuse it
-                    coarse, f_prev, inputs = self.redegrade(f_new, k)
-                    self.replay_cache(k, inputs)
-                    logits = self.forward(k, inputs[-1], charge_to=k)
-                    probs_BlV = sampling_probs(logits, st.top_k, st.top_p, st.temperature)
-                    tokens[:k] = coarse
-                redrawn_Bl = draw_tokens(probs_BlV, self.uniforms(pn * pn))
-                r_Bl = r_Bhw.reshape(B, pn * pn)
-                if mode == "mask":
-                    p_cur_Bl = probs_BlV.gather(-1, r_Bl.unsqueeze(-1)).squeeze(-1)
-                    redrawn_Bl = torch.where(p_cur_Bl >= p_res, r_Bl, redrawn_Bl)
-                r_Bhw = self.force(k, redrawn_Bl.view(B, pn, pn))
-                f_new, x_new = tok.next_state(k, f_prev, r_Bhw, sched)
+            else:
+                logits_BlV = self.forward(k, self.inputs[k], charge_to=k)
+                probs_BlV = self.probs(logits_BlV, st)
+                drawn_Bl = self.force(k, self.draw(probs_BlV).view(B, pn, pn)).view(B, -1)
+                dec = self.decision(k, st, probs_BlV, drawn_Bl)
+                if st.refine_temperature != st.temperature:  # redraws from the same logits at another temperature
+                    probs_BlV = self.probs(logits_BlV, st, refine=True)
+                r_Bl, f_hat = self.refine(k, st, dec, drawn_Bl, probs_BlV, f_hat, tokens)
+                r_Bhw = r_Bl.view(B, pn, pn)
+            f_hat, x_next = tok.next_state(k, f_hat, r_Bhw, sched)
             tokens.append(r_Bhw)
-            f_hat, x_next = f_new, x_new
+            if k + 1 < self.K:
+                self.inputs[k + 1] = x_next
         return f_hat, tokens
 
 
 __all__ = [
     "RESAMPLE_MODES",
+    "RefineDecision",
     "ResamplingPolicy",
     "Sampler",
     "ScaleSettings",
     "ScaleStats",
+    "TokenCritic",
     "check_compatible",
     "draw_tokens",
     "eval_mode",
