@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 
+from helpers import user_error
+
 from srdd_lightning.cli import default_run_name, main
 
 SMOKE = "srdd_lightning.stages.smoke.SmokeTestModule"
@@ -55,10 +57,9 @@ def test_unknown_config_key_is_rejected(tmp_path, digits_root, capsys):
     assert "no_such_option" in capsys.readouterr().err
 
 
-def test_model_arguments_from_data_and_mismatch(tmp_path, digits_root):
+def test_model_arguments_from_data_and_mismatch(tmp_path, digits_root, capsys):
     cfg = _config(tmp_path, digits_root)
-    with pytest.raises(ValueError, match="num_classes=3 disagrees with the data"):
-        main(["fit", "--config", str(cfg), "--model.init_args.num_classes", "3"])
+    user_error(capsys, ["fit", "--config", str(cfg), "--model.init_args.num_classes", "3"], "num_classes=3 disagrees with the data")
 
 
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -99,10 +100,9 @@ def test_last_checkpoint_is_the_final_step_and_overwritten_on_resume(tmp_path, d
     assert not list(ckpts.glob("last-v*.ckpt"))
 
 
-def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path, digits_root):
+def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path, digits_root, capsys):
     cfg = _config(tmp_path, digits_root)
-    with pytest.raises(FileNotFoundError, match="no .*last.ckpt exists"):
-        main(["fit", "--config", str(cfg), "--ckpt_path", "last"])
+    user_error(capsys, ["fit", "--config", str(cfg), "--ckpt_path", "last"], "no .*last.ckpt exists")
 
 
 def test_data_tool_packs_digits(tmp_path, capsys):

@@ -16,6 +16,8 @@ import yaml
 
 import dataclasses
 
+from helpers import user_error
+
 from srdd_lightning.cli import main
 from srdd_lightning.loading import load_generator, load_tokenizer, resolve_checkpoint
 from srdd_lightning.models.tokenizer import build_tokenizer, tokenizer_config
@@ -421,13 +423,12 @@ def test_fit_help_lists_the_generator_and_tokenizer_options_with_docs(capsys):
 
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
-def test_paper_configs_fail_clearly_without_data_or_weights(name, tmp_path, monkeypatch, digits_root):
+def test_paper_configs_fail_clearly_without_data_or_weights(name, tmp_path, monkeypatch, digits_root, capsys):
     monkeypatch.chdir(tmp_path)  # no data/ and no weights/ here
     cfg = str(REPO / "experiments" / name)
-    with pytest.raises(FileNotFoundError, match=r"dataset folder data/\w+ does not exist; pack one first"):
-        main(["fit", "--config", cfg])
-    with pytest.raises(FileNotFoundError, match=r"weights/vae_ch160v4096z32.pth.*model.init_args.tokenizer_ckpt.*Download"):
-        main(["fit", "--config", cfg, "--data.root", str(digits_root)])
+    user_error(capsys, ["fit", "--config", cfg], r"dataset folder data/\w+ does not exist; pack one first")
+    user_error(capsys, ["fit", "--config", cfg, "--data.root", str(digits_root)],
+               r"weights/vae_ch160v4096z32.pth.*model.init_args.tokenizer_ckpt.*Download")
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,12 +470,10 @@ def test_fsdp_fit_checkpoint_and_reload(tmp_path, digits_root, tok_run):
     assert out.images.shape == (2, 3, 16, 16)
 
 
-def test_cli_reports_a_missing_tokenizer_plainly(digits_root, tmp_path):
-    from srdd_lightning.cli import main
-
-    with pytest.raises(FileNotFoundError, match=r"weights/nowhere.pth.*model.init_args.tokenizer_ckpt"):
-        main(["fit", "--config", "experiments/digits/srdd.yaml", "--data.root", str(digits_root),
-              "--model.init_args.tokenizer_ckpt", "weights/nowhere.pth", "--run.root", str(tmp_path)])
+def test_cli_reports_a_missing_tokenizer_plainly(digits_root, tmp_path, capsys):
+    user_error(capsys, ["fit", "--config", "experiments/digits/srdd.yaml", "--data.root", str(digits_root),
+                        "--model.init_args.tokenizer_ckpt", "weights/nowhere.pth", "--run.root", str(tmp_path)],
+               r"weights/nowhere.pth.*model.init_args.tokenizer_ckpt")
 
 
 def test_generator_fsdp_strategy_is_configured_from_plain_values():

@@ -13,18 +13,25 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from argparse import ArgumentError
+
 from jsonargparse import CLI as ToolCLI
+import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 from .callbacks.ema import EMA
 from .checkpoint_io import AtomicCheckpointIO
@@ -75,21 +82,87 @@ def version_of_checkpoint(ckpt_path: str | Path) -> int | None:
     return None
 
 
-class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` is always the final state of a run.
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or weights: the run stops, and no checkpoint is written from that state."""
 
-    Lightning writes ``last`` only together with a periodic checkpoint, and at the end of training only
-    if it never wrote one; a run whose ``max_steps`` is not a multiple of ``every_n_train_steps`` would
-    otherwise leave ``last.ckpt`` behind the trained model.
+
+INTERRUPT: dict[str, int | None] = {"signal": None}  # the signal that stopped the last fit (main's exit status)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that never writes a worse checkpoint and keeps ``last.ckpt`` the state to resume from.
+
+    - ``last.ckpt`` is always the final state of a run (Lightning writes ``last`` only with a periodic checkpoint).
+    - A non-finite training loss (any ``train/*loss*`` the stage logs) stops the run before anything is saved
+      from that step, and no checkpoint with non-finite weights is ever written (:class:`NonFiniteError`): the
+      last good checkpoint stays.
+    - SIGTERM (a scheduler's preemption) or a first SIGINT (Ctrl-C) stops the run at the end of the current
+      step, writes ``last.ckpt`` there, and ``srdd`` exits with 128 + the signal; ``--ckpt_path last`` continues
+      exactly. A second Ctrl-C interrupts at once (without a checkpoint).
     """
 
-    def on_train_batch_end(self, trainer, pl_module, *args, **kwargs) -> None:
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        INTERRUPT["signal"] = None
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+
+            def on_sigint(signum, frame):  # the first Ctrl-C stops gracefully, like Lightning's SIGTERM
+                if INTERRUPT["signal"] is None:
+                    INTERRUPT["signal"] = signum
+                    trainer._signal_connector.received_sigterm = True
+                    rank_zero_info("Ctrl-C: stopping after this step with a checkpoint (press again to stop at once)")
+                else:
+                    signal.signal(signal.SIGINT, previous)
+                    raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if threading.current_thread() is threading.main_thread():
+            lightning_handler = signal.getsignal(signal.SIGTERM)  # Lightning's: stop at the end of this step
+
+            def on_sigterm(signum, frame):
+                INTERRUPT["signal"] = INTERRUPT["signal"] or signum
+                if callable(lightning_handler):
+                    lightning_handler(signum, frame)
+
+            signal.signal(signal.SIGTERM, on_sigterm)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, *args, **kwargs) -> None:
+        losses = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/") and "loss" in k}
+        if isinstance(outputs, dict) and torch.is_tensor(outputs.get("loss")):
+            losses["loss"] = outputs["loss"].detach()
+        bad = next((k for k, v in losses.items() if not torch.isfinite(torch.as_tensor(v)).all()), None)
+        if trainer.strategy.reduce_boolean_decision(bad is not None, all=False):
+            raise NonFiniteError(self._stop_message(trainer, f"{bad or 'the loss'} is {losses.get(bad, 'non-finite')}"))
         with warnings.catch_warnings():
             # Lightning 2.6 warns (with a page of sample code) that under manual optimization the checkpoint
             # holds the state after the optimizer step: that is exactly the state a resumed run needs.
             warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization",
                                     category=UserWarning)
-            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+            super().on_train_batch_end(trainer, pl_module, outputs, *args, **kwargs)
+
+    def _stop_message(self, trainer, what: str) -> str:
+        last = self.last_model_path or "none written yet"
+        return (f"training stopped at step {trainer.global_step}: {what}; nothing was saved from this state, the last "
+                f"good checkpoint is {last}. Lower the learning rate (or check the data), then resume with "
+                f"--ckpt_path last")  # fmt: skip
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        name = next((n for n, p in trainer.lightning_module.named_parameters() if not torch.isfinite(p).all()), None)
+        if trainer.strategy.reduce_boolean_decision(name is not None, all=False):
+            raise NonFiniteError(self._stop_message(trainer, f"the weights are not finite ({name or 'on another rank'})"))
+        super()._save_checkpoint(trainer, filepath)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        # Lightning raises SIGTERMException at the end of a step: the state is whole, so it is saved
+        if isinstance(exception, SIGTERMException) and not trainer.sanity_checking \
+                and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer) \
@@ -288,20 +361,65 @@ def _print_overview() -> None:
         print(f"  {name:<10} {text}")
 
 
+# A user's mistake (a bad path, value or file) is reported in one line; tracebacks are for bugs (or --debug).
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
+
+
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the ``srdd`` console script; ``args`` lets tests drive it in-process."""
+    """Entry point of the ``srdd`` console script; ``args`` lets tests drive it in-process.
+
+    ``--debug`` (or the environment variable SRDD_DEBUG=1) shows the traceback of an error instead of one line.
+    """
     argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get("SRDD_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    if args is None:  # the console script: LightningCLI reads sys.argv itself
+        sys.argv[1:] = argv
     if not argv or argv[0] in ("-h", "--help"):
         _print_overview()
         return
     if argv[0] in TOOLS:
         module, func = TOOLS[argv[0]][1].split(":")
-        getattr(importlib.import_module(module), func)(argv[1:])
+        getattr(importlib.import_module(module), func)(argv[1:] + (["--debug", "true"] if debug and argv[0] == "sample" else []))
         return
+    if argv[0] not in LIGHTNING_SUBCOMMANDS:
+        _fail(f"unknown command {argv[0]!r}; the commands are {', '.join([*LIGHTNING_SUBCOMMANDS, *TOOLS])} (srdd --help)", 2)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docs become --help text
-    if argv[0] in LIGHTNING_SUBCOMMANDS and {"-h", "--help"} & set(argv) and "--config" in argv:
-        _help_with_stage(argv)
-    SRDDCLI(args=None if args is None else argv)
+    try:
+        if {"-h", "--help"} & set(argv) and "--config" in argv:
+            _help_with_stage(argv)
+        SRDDCLI(args=None if args is None else argv, parser_kwargs={"exit_on_error": False})
+    except SIGTERMException:
+        signum = INTERRUPT["signal"] or signal.SIGTERM
+        _fail(f"stopped by {signal.Signals(signum).name} after step; last.ckpt holds that step: continue with "
+              f"--ckpt_path last", 128 + int(signum), prefix=f"srdd {argv[0]}: ")  # fmt: skip
+    except NonFiniteError as e:
+        if debug:
+            raise
+        _fail(str(e), 1, prefix=f"srdd {argv[0]}: error: ")
+    except (*USER_ERRORS, ArgumentError) as e:
+        if debug:
+            raise
+        _fail(_one_line(e), 2, prefix=f"srdd {argv[0]}: error: ")
+
+
+def _one_line(e: BaseException) -> str:
+    """The innermost reason of a (jsonargparse-nested) error, on one line, with the option it concerns."""
+    inner = e
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    text = (str(inner.args[0]) if isinstance(inner, KeyError) and inner.args else str(inner)).strip()
+    text = " ".join(ln.strip() for ln in text.splitlines()[:2]) or type(inner).__name__
+    key = re.match(r'Parser key "([^"]+)"', str(e))
+    return f"{key.group(1)}: {text}" if key and not text.startswith("Parser key") else text
+
+
+def _fail(message: str, code: int, prefix: str = "srdd: error: ") -> None:
+    print(f"{prefix}{message} (--debug shows the traceback)" if code == 2 and "--debug" not in message else
+          f"{prefix}{message}", file=sys.stderr)  # fmt: skip
+    raise SystemExit(code)
 
 
 def _help_with_stage(argv: list[str]) -> None:
