@@ -128,3 +128,40 @@ def test_ddp_two_cpu_processes_through_the_real_datamodule(tmp_path, digits_root
                       map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4
     assert "world_size=2" in proc.stderr or "distributed_backend=gloo" in proc.stderr
+
+
+def test_csv_logger_writes_into_the_run_folder(tmp_path, digits_root):
+    cfg = _config(tmp_path, digits_root)
+    main(["fit", "--config", str(cfg), "--run.logger", "csv"])
+    run = tmp_path / "runs" / "demo" / "smoke" / "version_0"
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/loss" in header and "val/loss" in header
+    assert (run / "checkpoints" / "last.ckpt").exists() and not list(run.glob("events.out.tfevents.*"))
+
+
+def test_sample_grids_reach_any_logger_that_takes_images(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from srdd_lightning.callbacks.samples import log_image
+
+    class ImageLogger(CSVLogger):  # the shape of W&B's / Neptune's log_image
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.images = []
+
+        def log_image(self, key, images, step=None, **kw):
+            self.images.append((key, images[0].shape, step))
+
+    logger, csv = ImageLogger(tmp_path), CSVLogger(tmp_path)
+    log_image(SimpleNamespace(loggers=[csv, logger]), "samples/grid", torch.zeros(3, 10, 12, dtype=torch.uint8), 7)
+    assert logger.images == [("samples/grid", (10, 12, 3), 7)]
+
+
+def test_unknown_command_and_bad_values_are_one_line(tmp_path, digits_root, capsys):
+    user_error(capsys, ["fitt"], r"unknown command 'fitt'")
+    cfg = _config(tmp_path, digits_root)
+    user_error(capsys, ["fit", "--config", str(cfg), "--trainer.max_steps", "x"], r"trainer.max_steps: .*int.*x")
+    user_error(capsys, ["fit", "--config", str(tmp_path / "nowhere.yaml")], r"nowhere.yaml")
+    user_error(capsys, ["fit", "--config", str(cfg), "--model.init_args.nosuch", "1"], r"nosuch")

@@ -21,6 +21,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from argparse import ArgumentError
 
@@ -191,6 +192,9 @@ class SRDDCLI(LightningCLI):
                             help="Run name: outputs go to <run.root>/<run.name>/version_<k>/ "
                                  "(default: the config's path below experiments/, e.g. digits/srdd).")
         parser.add_argument("--run.root", type=str, default=DEFAULT_RUN_ROOT, help="Folder holding all runs.")
+        parser.add_argument("--run.logger", type=Literal["tensorboard", "csv"], default="tensorboard",
+                            help="Logger writing into the run folder: tensorboard (events files) or csv (metrics.csv). "
+                                 "Any other Lightning logger: --trainer.logger CLASS with its own options.")
         parser.link_arguments("seed_everything", "data.seed")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         # last.ckpt is overwritten in place (no last-v1.ckpt when a resumed run changes checkpoint options).
@@ -251,13 +255,14 @@ class SRDDCLI(LightningCLI):
         self._fill_model_from_data(cfg)
         if cfg.trainer.get("default_root_dir") is None:  # where outputs go even without a logger
             cfg.trainer.default_root_dir = str(Path(cfg.run.root) / self._run_name(cfg))
+        version = version_of_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
         if cfg.trainer.get("logger") in (None, True):
-            version = version_of_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
-            cfg.trainer.logger = {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": cfg.run.root, "name": self._run_name(cfg), "version": version,
-                              "default_hp_metric": False},
-            }
+            where = {"save_dir": cfg.run.root, "name": self._run_name(cfg), "version": version}
+            cfg.trainer.logger = (
+                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": where} if cfg.run.logger == "csv" else
+                {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                 "init_args": {**where, "default_hp_metric": False}}
+            )  # fmt: skip
 
     def _fill_model_from_data(self, cfg) -> None:
         """Give the model what the packed data defines (``num_classes``, ``image_size``) unless set by hand."""

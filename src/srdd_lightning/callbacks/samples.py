@@ -1,4 +1,4 @@
-"""``SampleGrid``: a fixed grid of samples from the EMA weights every N training steps (TensorBoard + PNG)."""
+"""``SampleGrid``: a fixed grid of samples from the EMA weights every N training steps (PNG + the run's loggers)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from srdd_lightning.sampling.config import SamplingConfig
 from srdd_lightning.utils.images import image_grid, save_png
+
+
+def log_image(trainer: pl.Trainer, key: str, grid_3HW: torch.Tensor, step: int) -> None:
+    """A uint8 image to every logger that takes images: TensorBoard's ``add_image``, or the ``log_image`` of
+    W&B / Neptune / MLflow-style loggers; loggers without images (CSV) get only the PNG the caller wrote."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, grid_3HW, global_step=step)
+        elif callable(getattr(logger, "log_image", None)):
+            logger.log_image(key=key, images=[grid_3HW.permute(1, 2, 0).cpu().numpy()], step=step)
 
 
 class SampleGrid(pl.Callback):
@@ -89,9 +99,7 @@ class SampleGrid(pl.Callback):
         if not trainer.is_global_zero:
             return
         save_png(grid, run_dir / "samples" / f"step_{step}.png")
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("samples/grid", grid, global_step=step)
+        log_image(trainer, "samples/grid", grid, step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.sanity_checking or trainer.global_step == 0 or trainer.global_step % self.every_n_steps:

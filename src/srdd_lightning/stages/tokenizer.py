@@ -34,11 +34,11 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
@@ -49,7 +49,7 @@ from srdd_lightning.models.discriminator import PatchDiscriminator, adaptive_gan
 from srdd_lightning.models.perceptual import build_lpips
 from srdd_lightning.models.quantizer import usage_from_hits
 from srdd_lightning.models.tokenizer import MultiScaleTokenizer, TokenizerConfig
-from srdd_lightning.utils.images import image_grid
+from srdd_lightning.utils.images import image_grid, save_png
 from srdd_lightning.utils.seeding import mix_seed
 
 INIT_FROM_OPTION = "model.init_args.init_from"
@@ -468,8 +468,9 @@ class TokenizerModule(pl.LightningModule):
         metrics["val_usage/min_of_possible"] = min(u["usage_of_possible"] for u in usage)
         self.log_dict(metrics, sync_dist=False)  # already reduced: identical on every rank
         self.log("val_psnr", metrics["val/psnr"], prog_bar=True, logger=False)
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
         if self.trainer.is_global_zero and not self.trainer.sanity_checking and self._grid_images is not None:
-            self._log_grid(self.reconstruction_grid(self._grid_images))
+            self._log_grid(self.reconstruction_grid(self._grid_images), run_dir)
 
     @torch.no_grad()
     def reconstruction_grid(self, img_B3HW: torch.Tensor) -> torch.Tensor:
@@ -480,11 +481,13 @@ class TokenizerModule(pl.LightningModule):
         x = torch.stack(cols, dim=1).flatten(0, 1)
         return image_grid(x, nrow=len(cols), upscale=max(1, 64 // img_B3HW.shape[-1]))
 
-    def _log_grid(self, grid: torch.Tensor) -> None:
-        """Rows: input | after scale 1 | … | final (see ``reconstruction_grid``), at the current iteration."""
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("val/reconstruction", grid, global_step=self.global_step)
+    def _log_grid(self, grid: torch.Tensor, run_dir: Path) -> None:
+        """Rows: input | after scale 1 | … | final (see ``reconstruction_grid``), at the current iteration: to the
+        run's loggers and as ``<run>/reconstructions/step_<k>.png``."""
+        from srdd_lightning.callbacks.samples import log_image
+
+        save_png(grid, run_dir / "reconstructions" / f"step_{self.global_step}.png")
+        log_image(self.trainer, "val/reconstruction", grid, self.global_step)
 
     # ----- checkpoints ---------------------------------------------------------------------------
 
