@@ -325,3 +325,30 @@ def test_datamodule_resizes_to_configured_resolution(digits_root):
     dm = ShardDataModule(root=str(digits_root), batch_size=8, resolution=12)
     dm.setup("fit")
     assert next(iter(dm.train_dataloader()))[0].shape == (8, 3, 12, 12)
+
+
+def test_a_truncated_validation_shard_still_gives_equal_work_per_rank(tmp_path, digits_root):
+    """Ranks doing unequal validation work would wait for each other forever: a short shard is padded."""
+    import warnings as _warnings
+
+    from srdd_lightning.data import ShardDataModule
+
+    raw = json.loads((digits_root / "index.json").read_text())
+    root = tmp_path / "short"
+    root.mkdir()
+    for split in raw["splits"].values():
+        for s in split["shards"]:
+            (root / s["file"]).write_bytes((digits_root / s["file"]).read_bytes())
+    val0 = root / raw["splits"]["val"]["shards"][0]["file"]
+    val0.write_bytes(val0.read_bytes()[: len(val0.read_bytes()) // 2])
+    (root / "index.json").write_text(json.dumps(raw))
+    per_rank = []
+    for rank in (0, 1):
+        dm = ShardDataModule(str(root), batch_size=8)
+        dm.rank, dm.world_size = rank, 2
+        with _warnings.catch_warnings(record=True) as caught:
+            _warnings.simplefilter("always")
+            per_rank.append(sum(1 for _ in dm.val_dataset()))
+        if rank == 0:
+            assert any("repeating its last one" in str(w.message) for w in caught)
+    assert per_rank[0] == per_rank[1] == raw["splits"]["val"]["total"] // 2

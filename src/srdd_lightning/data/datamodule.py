@@ -107,7 +107,8 @@ class ShardDataModule(pl.LightningDataModule):
         return TrainLoader(self.train_stream(), self.per_rank_batch, steps, self.num_workers)
 
     def val_dataset(self) -> ValShards:
-        return ValShards(self.index.shard_paths("val"), self.resolution, self.rank, self.world_size)
+        counts = [sh.count for sh in self.index.split("val").shards]
+        return ValShards(self.index.shard_paths("val"), self.resolution, self.rank, self.world_size, counts)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_dataset(), batch_size=self.per_rank_val_batch, num_workers=self.num_workers)

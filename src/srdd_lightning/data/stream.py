@@ -232,13 +232,20 @@ class _SkipPerWorker(IterableDataset):
 
 
 class ValShards(IterableDataset):
-    """Finite pass over this rank's share of the validation shards; every sample once, no shuffling."""
+    """Finite pass over this rank's share of the validation shards; every sample once, no shuffling.
 
-    def __init__(self, shards: list[Path], resolution: int, rank: int = 0, world_size: int = 1):
+    With ``counts`` (the index's per-shard counts) every shard yields exactly that many samples: unreadable ones
+    are replaced by repeating the shard's last readable sample, with a warning, because ranks doing unequal
+    validation work would wait for each other forever.
+    """
+
+    def __init__(self, shards: list[Path], resolution: int, rank: int = 0, world_size: int = 1,
+                 counts: list[int] | None = None):
         self.shards = [Path(s) for s in shards]
         self.resolution = resolution
         self.rank = rank
         self.world_size = world_size
+        self.counts = counts
         self.counter: dict = {}
 
     def rank_shards(self) -> list[Path]:
@@ -246,11 +253,20 @@ class ValShards(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         worker, workers = _worker()
-        for shard in self.rank_shards()[worker::workers]:
+        counts = self.counts[self.rank :: self.world_size] if self.counts is not None else None
+        for i, shard in list(enumerate(self.rank_shards()))[worker::workers]:
+            n, last = 0, None
             for key, png, label in read_shard(shard, self.counter):
                 img = _decode_or_skip(png, self.resolution, False, self.counter, f"{shard}:{key}")
-                if img is not None:
+                if img is not None and (counts is None or n < counts[i]):
+                    n, last = n + 1, (img, label)
                     yield img, label
+            if counts is not None and n < counts[i] and last is not None:
+                warnings.warn(f"validation shard {shard} gave {n} of its {counts[i]} samples; repeating its last one "
+                              f"{counts[i] - n} times so every rank does the same work (re-pack the dataset)",
+                              CorruptSampleWarning, stacklevel=2)  # fmt: skip
+                for _ in range(counts[i] - n):
+                    yield last
 
 
 def batches_per_epoch(total_samples: int, global_batch: int) -> int:
