@@ -293,9 +293,16 @@ class SRDDCLI(LightningCLI):
             check(init_args.as_dict())
 
     def after_instantiate_classes(self) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from .callbacks.ema import ShardedEMA
+
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
+        if isinstance(strategy, FSDPStrategy):  # WeightAveraging cannot copy a sharded module: the same EMA per shard
+            cbs = self.trainer.callbacks
+            cbs[:] = [ShardedEMA(cb.decay, cb.warmup) if type(cb) is EMA else cb for cb in cbs]
         if self.trainer.loggers:  # learning rates and throughput in every run's dashboard (need a logger)
             from lightning.pytorch.callbacks import LearningRateMonitor
 
