@@ -114,7 +114,8 @@ def test_data_tool_packs_digits(tmp_path, capsys):
 def test_overview_lists_tools(capsys):
     main(["--help"])
     out = capsys.readouterr().out
-    assert "fit" in out and "data" in out
+    assert "fit" in out and "data" in out and "sample" in out and "predict" not in out
+    user_error(capsys, ["predict"], r"there is no srdd predict: .*srdd sample")
 
 
 def test_ddp_two_cpu_processes_through_the_real_datamodule(tmp_path, digits_root):

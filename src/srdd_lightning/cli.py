@@ -1,6 +1,6 @@
 """The ``srdd`` command: LightningCLI for training stages, plus the project's own tools.
 
-    srdd fit --config experiments/digits/srdd.yaml     # fit / validate / test / predict (LightningCLI)
+    srdd fit --config experiments/digits/srdd.yaml     # fit / validate / test (LightningCLI)
     srdd data digits --out data/digits                  # pack the built-in dataset into shards
     srdd data folder --src ~/images --out data/mine     # pack an image folder
 
@@ -359,7 +359,6 @@ LIGHTNING_SUBCOMMANDS = {
     "fit": "train a stage (model.class_path picks it) on packed shards",
     "validate": "run one validation pass",
     "test": "run the test loop",
-    "predict": "run the predict loop",
 }
 
 
@@ -394,6 +393,8 @@ def main(args: Sequence[str] | None = None) -> None:
         module, func = TOOLS[argv[0]][1].split(":")
         getattr(importlib.import_module(module), func)(argv[1:] + (["--debug", "true"] if debug and argv[0] == "sample" else []))
         return
+    if argv[0] == "predict":
+        _fail("there is no srdd predict: images come from `srdd sample --ckpt RUN --out DIR` (srdd sample --help)", 2)
     if argv[0] not in LIGHTNING_SUBCOMMANDS:
         _fail(f"unknown command {argv[0]!r}; the commands are {', '.join([*LIGHTNING_SUBCOMMANDS, *TOOLS])} (srdd --help)", 2)
     from lightning.pytorch.utilities.exceptions import SIGTERMException
