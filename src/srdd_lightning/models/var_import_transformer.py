@@ -4,16 +4,21 @@ VAR's names map one to one onto ours; the per-head temperature ``scale_mul_1H11`
 becomes ``log_temp`` (H,). VAR's buffers (the level ids, its dense training mask, the zero k bias)
 are recomputed by our model and only checked. VAR's weights compute VAR's function with
 ``attn="causal"``, the default here when a preset name is given.
+
+The same weights start an SRDD fine-tune (``SRDDModule``'s ``init_from``): the blocks do not depend on the mask, and a
+model trained on a subset of VAR's ten scales takes the level and position embeddings of the scales of the same size
+(:func:`take_scales`, also how a fewer-scale student starts from its teacher).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
+from srdd_lightning.models.scales import as_schedule, num_tokens, scale_slices, subset_indices
 from srdd_lightning.models.transformer import GeneratorConfig, VARTransformer, generator_config
 
 # VAR name pattern -> our name; blocks keep their index.
@@ -67,10 +72,23 @@ def var_key_to_ours(key: str) -> str | None:
     raise KeyError(key)
 
 
-def convert_var_state_dict(var_sd: Mapping[str, torch.Tensor], model: VARTransformer) -> dict[str, torch.Tensor]:
-    """VAR's transformer state dict -> ours for ``model``; raises on missing, unexpected or misshaped keys."""
+def convert_var_state_dict(
+    var_sd: Mapping[str, torch.Tensor], model: VARTransformer, trained_patch_nums: Sequence[int] | None = None,
+    ignore: Sequence[str] = (),
+) -> dict[str, torch.Tensor]:
+    """VAR's transformer state dict -> ours for ``model``; raises on missing, unexpected or misshaped keys.
+
+    ``trained_patch_nums``: the schedule the checkpoint was trained on (VAR's ten scales) when ``model`` runs a subset
+    of it: the level/position embeddings of ``model``'s scales are taken from it (:func:`take_scales`). ``ignore``:
+    our parameter names (or module prefixes, e.g. ``class_embed``) left out of the result, for the caller to keep
+    freshly initialised (e.g. another class count).
+    """
     ours = model.state_dict()
-    out: dict[str, torch.Tensor] = {}
+    unknown = [p for p in ignore if not any(_matches(n, p) for n in ours)]
+    if unknown:
+        raise ValueError(f"ignore entries {unknown} name no parameter of the model; its parameters: "
+                         f"{_head(sorted({n.split('.')[0] for n in ours}), 20)}")  # fmt: skip
+    renamed: dict[str, tuple[str, torch.Tensor]] = {}  # our name -> (VAR's key, value)
     unexpected = []
     for key, value in var_sd.items():
         try:
@@ -85,15 +103,21 @@ def convert_var_state_dict(var_sd: Mapping[str, torch.Tensor], model: VARTransfo
         if name not in ours:  # e.g. a block index beyond our depth, or a temperature without attn_l2_norm
             unexpected.append(key)
             continue
-        if name.endswith("log_temp"):
-            value = value.reshape(-1)  # (1, H, 1, 1) -> (H,)
+        if any(_matches(name, p) for p in ignore):
+            continue
+        renamed[name] = (key, value.reshape(-1) if name.endswith("log_temp") else value)  # (1, H, 1, 1) -> (H,)
+    if trained_patch_nums is not None and as_schedule(trained_patch_nums) != model.patch_nums:
+        values = take_scales({n: v for n, (_, v) in renamed.items()}, model.patch_nums, trained_patch_nums)
+        renamed = {n: (k, values[n]) for n, (k, _) in renamed.items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, (key, value) in renamed.items():
         if tuple(value.shape) != tuple(ours[name].shape):
             raise ValueError(
                 f"{key} has shape {tuple(value.shape)}, the model expects {tuple(ours[name].shape)} for {name}: "
                 f"{_shape_hint(name, model)}"
             )
         out[name] = value.to(ours[name].dtype)
-    missing = sorted(set(ours) - set(out))
+    missing = sorted(n for n in set(ours) - set(out) if not any(_matches(n, p) for p in ignore))
     if unexpected or missing:
         raise ValueError(
             f"VAR checkpoint does not match the model (depth={model.config.depth}, "
@@ -101,6 +125,47 @@ def convert_var_state_dict(var_sd: Mapping[str, torch.Tensor], model: VARTransfo
             f"our keys without a value {_head(missing)}"
         )
     return out
+
+
+def take_scales(state: Mapping[str, torch.Tensor], patch_nums: Sequence[int], trained_patch_nums: Sequence[int]
+                ) -> dict[str, torch.Tensor]:
+    """A :class:`VARTransformer` state dict for the schedule ``patch_nums`` from one trained on ``trained_patch_nums``.
+
+    ``patch_nums`` must be a subset of the trained scales ending at the last one (``scales.subset_indices``) and start
+    at the trained first scale (the start token ``pos_start``). Scale j of ``patch_nums``, of size pn, gets the level
+    embedding row and the position-embedding slice of the trained scale of size pn; every other tensor is shared.
+    """
+    pns, trained = as_schedule(patch_nums), as_schedule(trained_patch_nums)
+    idx = subset_indices(pns, trained)
+    if pns[0] != trained[0]:
+        raise ValueError(f"schedule {list(pns)} must start at the trained first scale {trained[0]} "
+                         f"(the start token of {list(trained)})")  # fmt: skip
+    level, pos = state["level_embed.weight"], state["pos_embed"]
+    if level.shape[0] != len(trained) or pos.shape[1] != num_tokens(trained):
+        raise ValueError(f"the weights hold {level.shape[0]} level embeddings and {pos.shape[1]} position embeddings, "
+                         f"but the schedule they were trained on, {list(trained)}, has {len(trained)} scales and "
+                         f"{num_tokens(trained)} tokens")  # fmt: skip
+    slices = scale_slices(trained)
+    out = dict(state)
+    out["level_embed.weight"] = level[idx].clone()
+    out["pos_embed"] = torch.cat([pos[:, slices[i]] for i in idx], dim=1)
+    return out
+
+
+def _matches(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def unnest_var_checkpoint(sd: object) -> object:
+    """VAR's trainer checkpoints (``ar-ckpt-*.pth``) nest the model under trainer/var_wo_ddp; released files do not."""
+    if isinstance(sd, Mapping) and isinstance(sd.get("trainer"), Mapping) and "var_wo_ddp" in sd["trainer"]:
+        return sd["trainer"]["var_wo_ddp"]
+    return sd
+
+
+def is_var_transformer_state_dict(sd: object) -> bool:
+    """Whether ``sd`` (after :func:`unnest_var_checkpoint`) holds VAR's transformer weights (``var_d16.pth`` ...)."""
+    return isinstance(sd, Mapping) and "class_emb.weight" in sd and "pos_1LC" in sd and "lvl_embed.weight" in sd
 
 
 def _head(keys: list[str], n: int = 8) -> str:
@@ -127,10 +192,7 @@ def _read(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
             f"VAR transformer checkpoint not found: {os.fspath(path)!r}. Download VAR's released weights "
             f"(var_d16.pth ... var_d30.pth) and give that file's path; nothing is downloaded at run time"
         )
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    # VAR's trainer checkpoints (ar-ckpt-*.pth) nest the model under trainer/var_wo_ddp.
-    if isinstance(sd, Mapping) and "trainer" in sd and "var_wo_ddp" in sd["trainer"]:
-        sd = sd["trainer"]["var_wo_ddp"]
+    sd = unnest_var_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
     if not isinstance(sd, Mapping):
         raise ValueError(f"{os.fspath(path)!r} does not hold a state dict (got {type(sd).__name__})")
     return sd

@@ -14,6 +14,11 @@ The tokenizer is a frozen submodule (moved with the module, never trained) but i
 generator's checkpoints: it is reloaded from ``tokenizer_ckpt``, whose resolved file and weight
 fingerprint the checkpoint records, so a generator cannot silently meet a different tokenizer.
 
+Fine-tuning: ``init_from`` starts the generator from VAR's released weights (``var_d16.pth`` … ``var_d30.pth``, through
+``models.var_import_transformer``) or from another generator run, with any mask (the weights do not depend on it) and
+on any subset schedule (the level / position embeddings of the scales of the same size are taken). It is applied once
+at setup; a resumed run loads its own checkpoint over it (as ``TokenizerModule.init_from``).
+
 Randomness of a training step (label dropout, drop-path) comes from one CPU generator owned by the module,
 seeded per micro-batch from (run seed, rank, optimizer step, batch index): micro-batches of one optimizer step
 draw different masks, and a resumed run draws exactly what the uninterrupted one would have.
@@ -40,12 +45,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from srdd_lightning.callbacks.ema import ema_weights
-from srdd_lightning.loading import CKPT_TOKENIZER_KEY, STAGE_KEY, load_tokenizer, resolve_tokenizer_checkpoint
+from srdd_lightning.loading import (
+    CKPT_TOKENIZER_KEY,
+    STAGE_KEY,
+    load_tokenizer,
+    read_checkpoint,
+    resolve_checkpoint,
+    resolve_tokenizer_checkpoint,
+    stage_state,
+)
 from srdd_lightning.models.scales import flatten_tokens, scale_slices, subset_indices
 from srdd_lightning.models.transformer import InitConfig, VARTransformer, generator_config
 from srdd_lightning.utils.seeding import mix_seed
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+INIT_FROM_OPTION = "model.init_args.init_from"
 
 
 def _clean(name: str) -> str:
@@ -197,14 +211,22 @@ class SRDDModule(pl.LightningModule):
         label_smoothing: Label smoothing of the cross-entropy (VAR: 0).
         optim: AdamW, learning-rate schedule and gradient clipping.
         tokenizer_ema: Load the tokenizer's EMA weights when its checkpoint has them.
+        init_from: Start from these weights instead of a random init: VAR's released ``var_d16.pth`` … ``var_d30.pth``
+            (depth, width and heads must be the file's: ``generator: var-d16`` …) or a generator run folder /
+            checkpoint (its EMA weights); any ``attn``; with a ``schedule`` the scales of the same size are taken.
+            Applied once at setup; a resumed run loads its own checkpoint over it.
+        init_from_ignore: Parameters (or modules, e.g. ``class_embed``) of ``init_from`` not to load, kept freshly
+            initialised: ``[class_embed]`` fine-tunes on another class count (e.g. ImageNet's VAR on SUN397).
     """
 
     frozen_submodules = ("tokenizer",)  # the EMA callback shares it instead of averaging a copy
 
     @staticmethod
     def check_init_args(init_args: dict) -> None:
-        """Called by ``srdd`` before building the module: the tokenizer checkpoint must exist."""
+        """Called by ``srdd`` before building the module: the tokenizer (and ``init_from``) checkpoints must exist."""
         resolve_tokenizer_checkpoint(init_args["tokenizer_ckpt"], option="model.init_args.tokenizer_ckpt")
+        if init_args.get("init_from"):
+            _resolve_init_from(init_args["init_from"])
 
     def __init__(
         self,
@@ -219,6 +241,8 @@ class SRDDModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         optim: GeneratorOptim = GeneratorOptim(),
         tokenizer_ema: bool = True,
+        init_from: str | None = None,
+        init_from_ignore: list[str] | None = None,
     ):
         super().__init__()
         architecture, optim = _typed(GeneratorArch, architecture), _typed(GeneratorOptim, optim)
@@ -261,6 +285,7 @@ class SRDDModule(pl.LightningModule):
         self._run_seed = torch.initial_seed()  # what seed_everything set before the CLI built the module
         self._val_hits_V: torch.Tensor | None = None
         self.flops_per_batch: int | None = None  # read by callbacks.Throughput (FLOPs/s, MFU); set per step
+        self._weights_set = False  # init_from applied, or weights restored from a checkpoint
 
     # ---- frozen tokenizer stays frozen and in eval mode --------------------------------------------
 
@@ -313,6 +338,83 @@ class SRDDModule(pl.LightningModule):
                 f"trainer.gradient_clip_val={self.trainer.gradient_clip_val} is set, but SRDDModule clips itself: "
                 f"use model.init_args.optim.grad_clip (now {self.optim.grad_clip}) and leave trainer.gradient_clip_val unset"
             )
+        if self.hparams.get("init_from") and not self._weights_set:
+            self.load_initial_weights(self.hparams.init_from)
+
+    # ---- fine-tuning: init_from -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def load_initial_weights(self, path: str) -> None:
+        """Load VAR's ``var_d*.pth`` or a generator checkpoint / run folder (EMA weights) into ``self.generator``."""
+        from srdd_lightning.models.var_import_transformer import (
+            convert_var_state_dict,
+            is_var_transformer_state_dict,
+            unnest_var_checkpoint,
+        )
+
+        file, ckpt = read_checkpoint(_resolve_init_from(path), INIT_FROM_OPTION)
+        ckpt = unnest_var_checkpoint(ckpt)
+        ignore = list(self.hparams.get("init_from_ignore") or [])
+        tok_pns = list(self.tokenizer_info["patch_nums"])
+        hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+        if isinstance(hp, dict) and "tokenizer_ckpt" in hp:  # a generator run of this framework
+            recorded = ckpt.get(CKPT_TOKENIZER_KEY) or {}
+            if recorded.get("fingerprint") not in (None, self.tokenizer_info["fingerprint"]):
+                raise ValueError(
+                    f"{file} ({INIT_FROM_OPTION}) was trained with the tokenizer {recorded.get('path')} (weights "
+                    f"{recorded.get('fingerprint')}), but model.init_args.tokenizer_ckpt gives {self.tokenizer_info['path']} "
+                    f"(weights {self.tokenizer_info['fingerprint']}): its codes mean other things; use that tokenizer"
+                )
+            trained = hp.get("schedule") or recorded.get("patch_nums") or tok_pns
+            self.init_generator_from(stage_state(ckpt, "generator."), trained, f"the generator checkpoint {file}", ignore)
+        elif is_var_transformer_state_dict(ckpt):
+            self._check_classes(ckpt["class_emb.weight"].shape[0] - 1, f"VAR's weights {file}", ignore)
+            try:
+                state = convert_var_state_dict(ckpt, self.generator, trained_patch_nums=tok_pns, ignore=ignore)
+            except ValueError as e:
+                raise ValueError(f"VAR's weights {file} ({INIT_FROM_OPTION}) do not fit the generator: {e}") from None
+            self._load_generator_state(state, ignore, f"VAR's weights {file}")
+        else:
+            raise ValueError(f"{file} ({INIT_FROM_OPTION}) is neither VAR's var_d*.pth transformer weights nor a "
+                             f"generator (SRDDModule) checkpoint or run folder")  # fmt: skip
+        self._weights_set = True
+
+    @torch.no_grad()
+    def init_generator_from(self, state: dict[str, torch.Tensor], trained_patch_nums, what: str,
+                            ignore: list[str] | None = None) -> None:
+        """Load a VARTransformer ``state`` trained on ``trained_patch_nums`` into ``self.generator`` (its schedule a
+        subset of those scales: the embeddings of the scales of the same size are taken; ``ignore`` stays as is)."""
+        from srdd_lightning.models.var_import_transformer import take_scales
+
+        ignore = list(ignore or [])
+        if "class_embed.weight" in state:
+            self._check_classes(state["class_embed.weight"].shape[0] - 1, what, ignore)
+        if tuple(trained_patch_nums) != self.patch_nums:
+            try:
+                state = take_scales(state, self.patch_nums, trained_patch_nums)
+            except ValueError as e:
+                raise ValueError(f"{what} ({INIT_FROM_OPTION}) cannot start the schedule {list(self.patch_nums)} "
+                                 f"(model.init_args.schedule): {e}") from None  # fmt: skip
+        state = {k: v for k, v in state.items() if not any(k == p or k.startswith(p + ".") for p in ignore)}
+        self._load_generator_state(state, ignore, what)
+
+    def _check_classes(self, theirs: int, what: str, ignore: list[str]) -> None:
+        ours = self.generator.num_classes
+        if theirs != ours and not any(p in ("class_embed", "class_embed.weight") for p in ignore):
+            raise ValueError(
+                f"{what} ({INIT_FROM_OPTION}) was trained on {theirs} classes, but the data has {ours}: to fine-tune on "
+                f"another class count, add model.init_args.init_from_ignore: [class_embed] (the class embedding, null "
+                f"class included, is then freshly initialised; the rest of the weights are loaded)"
+            )
+
+    def _load_generator_state(self, state: dict[str, torch.Tensor], ignore: list[str], what: str) -> None:
+        current = self.generator.state_dict()
+        kept = {k: v for k, v in current.items() if any(k == p or k.startswith(p + ".") for p in ignore)}
+        try:
+            self.generator.load_state_dict({**state, **kept}, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{what} ({INIT_FROM_OPTION}) does not fit the generator (model.init_args.generator / "
+                             f"architecture / schedule): {str(e).splitlines()[0]} {_first_mismatch(state, current)}") from None  # fmt: skip
 
     def on_fit_start(self) -> None:
         self._tokenizer_to_device()
@@ -465,6 +567,7 @@ class SRDDModule(pl.LightningModule):
             for k in [k for k in sd if _clean(k).startswith("tokenizer.")]:
                 del sd[k]  # the tokenizer always comes from tokenizer_ckpt
         self.check_checkpoint(checkpoint)
+        self._weights_set = True  # a later setup() must not re-apply init_from over these weights
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another stage, or one trained with another tokenizer (both named)."""
@@ -480,6 +583,24 @@ class SRDDModule(pl.LightningModule):
                 f"{_sizes(saved)}), but model.init_args.tokenizer_ckpt now gives {now['path']} with different weights "
                 f"({now['fingerprint']}; {_sizes(now)}); point tokenizer_ckpt at the tokenizer it was trained with"
             )
+
+
+def _resolve_init_from(path: str):
+    """``init_from``'s file (a run folder gives its last.ckpt); a missing VAR file says where to get it."""
+    try:
+        return resolve_checkpoint(path, INIT_FROM_OPTION)
+    except FileNotFoundError as e:
+        if Path(path).name.startswith("var_d"):
+            raise FileNotFoundError(f"{e}. Download VAR's released {Path(path).name} (Hugging Face FoundationVision/var) "
+                                    f"and give its path; nothing is downloaded automatically") from None  # fmt: skip
+        raise
+
+
+def _first_mismatch(state: dict, current: dict) -> str:
+    for k, v in current.items():
+        if k in state and tuple(state[k].shape) != tuple(v.shape):
+            return f"(first mismatch: {k} {tuple(state[k].shape)} vs the generator's {tuple(v.shape)})"
+    return ""
 
 
 def _sizes(info: dict) -> str:
