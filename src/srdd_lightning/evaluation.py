@@ -410,7 +410,7 @@ def evaluate(
     samples: str | None = None,
     data: str = "data/digits",
     extractor: str = "digits-classifier",
-    classifier: str | None = None,
+    classifier: str | None = DEFAULT_CLASSIFIER,
     inception_weights: str | None = None,
     num_real: int | None = None,
     out: str | None = None,
