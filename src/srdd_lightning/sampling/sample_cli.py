@@ -61,6 +61,7 @@ RESUME_KEYS = {
     "seed": "--seed",
     "label_runs": "--num_per_class/--num_samples/--classes",
     "edit": "--edit/--image/--mask/--keep_box/--keep_scales",
+    "policy_fingerprint": "--policy_ckpt",
 }
 _SAMPLE_PNG = re.compile(r"\d{6}_c\d+\.png")
 _OUTPUT_NAMES = ("grid.png", "samples.npz", SAMPLING_JSON, "reference.png")
@@ -395,6 +396,9 @@ def settings_differences(there: dict, now: dict) -> list[str]:
                 out.append(f"--ckpt: other generator weights there ({there.get('checkpoint')}) than now ({now.get('checkpoint')})")
         elif key == "tokenizer_fingerprint":
             out.append(f"--tokenizer_ckpt: another tokenizer there ({there.get('tokenizer')}) than now ({now.get('tokenizer')})")
+        elif key == "policy_fingerprint":
+            where = lambda r: (r.get("policy") or {}).get("checkpoint", "none")
+            out.append(f"--policy_ckpt: another resampling policy there ({where(there)}) than now ({where(now)})")
         elif key == "label_runs":
             out.append(f"{option}: {_labels_text(a[key])} there, {_labels_text(b[key])} now")
         else:
@@ -469,6 +473,7 @@ def sample_to_folder(
     overwrite: bool = False,
     progress: bool = True,
     timeout: float = 1800.0,
+    policy_ckpt: str | None = None,
 ) -> Path:
     """Sample a generator checkpoint into a folder of PNGs plus grid.png, samples.npz and sampling.json.
 
@@ -496,6 +501,9 @@ def sample_to_folder(
             settings, refuse one of other settings.
         progress: Show a progress bar and a final line (rank 0).
         timeout: Seconds a process waits for the others at a collective (torch.distributed's timeout).
+        policy_ckpt: A resampling policy (stage 3, ResamplingPolicyModule) checkpoint or run folder: its per-sample,
+            per-scale decisions replace --resample/--refine_steps/--p_resample. It must have been trained on these
+            generator weights (--ckpt with --ema); another generator is refused.
     """
     from tqdm import tqdm
 
@@ -518,6 +526,11 @@ def sample_to_folder(
     module = _load_generator(ckpt_file, ema, tokenizer_ckpt)
     generator, tokenizer = module.generator, module.tokenizer
     labels = plan_labels(generator.num_classes, generator.null_class, num_per_class, classes, num_samples)
+    policy_module = None
+    if policy_ckpt is not None:
+        from srdd_lightning.stages.policy import load_policy
+
+        policy_module = load_policy(policy_ckpt, module, option="--policy_ckpt")
     sampler = module.sampler()
     try:
         schedule = sampler.schedule(sampling.schedule)
@@ -531,6 +544,9 @@ def sample_to_folder(
         dev = _rank_device(dev, ranks)
         module.to(dev)
         sampler = module.sampler()
+        policy = None
+        if policy_module is not None:
+            policy = policy_module.to(dev).policy()
         spec, edit_record, ref = None, None, None
         if edit is not None:
             spec, edit_record, ref = build_edit(edit, tokenizer, schedule, image, mask, keep_box, keep_scales)
@@ -556,6 +572,11 @@ def sample_to_folder(
             "precision": precision,
             "batch_size": batch_size,
             "world_size": world,
+            "policy": None if policy_module is None else {
+                "checkpoint": policy_module.checkpoint_path, "objective": policy_module.hparams.objective,
+                "sampling_trained": policy_module.sampling.to_dict(),
+                "replaces": "resample, refine_steps, p_resample (per sample and scale)"},
+            "policy_fingerprint": None if policy_module is None else policy_module.fingerprint(),
         }
 
         def prepare() -> tuple[list[int], dict | None]:
@@ -567,22 +588,24 @@ def sample_to_folder(
         missing, previous = ranks.on_rank0(prepare)
         todo = missing[rank::world]  # the missing ones, not i ≡ rank: a resumed run stays balanced
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" and dev.type == "cuda" else None
-        seconds, cost = 0.0, None
+        seconds, costs = 0.0, []
         bar = tqdm(total=len(missing), desc=f"srdd sample ({world} process{'es' if world > 1 else ''})",
                    disable=not progress or rank != 0)  # fmt: skip
         for start in range(0, len(todo), batch_size):
             idx = todo[start : start + batch_size]
             t0 = time.perf_counter()
             with amp if amp is not None else contextlib.nullcontext():
-                result = sampler.sample([labels[i] for i in idx], sampling, seeds=[seed + i for i in idx], edit=spec)
+                result = sampler.sample([labels[i] for i in idx], sampling, seeds=[seed + i for i in idx], edit=spec,
+                                        policy=policy)  # fmt: skip
             images = to_uint8(result.images).cpu()
             seconds += time.perf_counter() - t0
-            cost = result.cost.to_dict()
+            costs.append((len(idx), result.cost.to_dict()))
             for i, img in zip(idx, images):
                 save_png(img, sample_path(out_dir, i, labels[i]))
             bar.update(min(len(idx) * world, bar.total - bar.n))  # rank 0 stands for all: the shares are equal
         bar.close()
-        stats = ranks.gather({"images": len(todo), "seconds": seconds, "cost_per_image": cost, "device": str(dev)})
+        stats = ranks.gather({"images": len(todo), "seconds": seconds, "cost_per_image": _average_cost(costs),
+                              "device": str(dev)})  # fmt: skip
 
         def finish() -> None:
             absent = [i for i in missing if not sample_path(out_dir, i, labels[i]).exists()]
@@ -606,10 +629,27 @@ def _timing(previous: dict | None, stats: list[dict]) -> dict:
     n_before = before.get("timed_images") or 0
     n = n_before + sum(s["images"] for s in stats)
     seconds = (before.get("seconds_per_image") or 0.0) * n_before + sum(s["seconds"] for s in stats)
-    cost = next((s["cost_per_image"] for s in stats if s["cost_per_image"]), before.get("cost_per_image"))
+    cost = _average_cost([(n_before, before.get("cost_per_image"))] + [(s["images"], s["cost_per_image"]) for s in stats]) \
+        or before.get("cost_per_image")  # fmt: skip
     devices = set(before.get("seconds_measured_on") or []) | {s["device"] for s in stats if s["images"]}
     return {"cost_per_image": cost, "seconds_per_image": seconds / n if n else None, "timed_images": n,
             "seconds_measured_on": sorted(devices)}  # fmt: skip
+
+
+def _average_cost(parts: list[tuple[int, dict | None]]) -> dict | None:
+    """The cost per image over batches (or ranks, or runs) of n images each; under a resampling policy each
+    sample pays for its own decisions, so batches differ."""
+    parts = [(n, c) for n, c in parts if n and c]
+    if not parts:
+        return None
+    total = sum(n for n, _ in parts)
+    out: dict = {}
+    for key, value in parts[0][1].items():
+        if isinstance(value, list):  # per_scale_passes
+            out[key] = [sum(n * c[key][i] for n, c in parts) / total for i in range(len(value))]
+        else:
+            out[key] = sum(n * c[key] for n, c in parts) / total
+    return out
 
 
 def write_outputs(out_dir: Path, labels: list[int], max_rows: int = 16, max_cols: int = 8) -> None:
