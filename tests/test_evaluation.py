@@ -295,7 +295,8 @@ def test_evaluate_errors_are_clear(tmp_path, digits_root, classifier_path, monke
         evaluate(str(tmp_path / "empty"), str(digits_root), classifier=str(classifier_path))
     with pytest.raises(EvaluationError, match="unknown extractor 'nope'"):
         evaluate(npz, str(digits_root), extractor="nope")
-    with pytest.raises(EvaluationError, match="needs --classifier"):
+    monkeypatch.chdir(tmp_path)  # no runs/digits/classifier.pt here: the default path is named with its option
+    with pytest.raises(EvaluationError, match=r"runs/digits/classifier\.pt \(--classifier\) not found"):
         evaluate(npz, str(digits_root))
     with pytest.raises(EvaluationError, match=r"missing\.pt \(--classifier\) not found"):
         evaluate(npz, str(digits_root), classifier=str(tmp_path / "missing.pt"))

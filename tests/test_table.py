@@ -48,8 +48,11 @@ def test_digits_table_yaml_parses_into_rows_stages_tuning_and_sweeps():
     assert t.stages["var"].configs == ["experiments/digits/srdd.yaml", "experiments/digits/var.yaml"]
     assert t.stages["var"].same_budget_as == "srdd" and t.stages["srdd"].args["model.init_args.tokenizer_ckpt"] == "{tokenizer}"
     assert {} in t.tune.refine and t.tune.seed >= t.seed + t.num_samples  # none is a candidate; held-out seeds
-    assert [s.name for s in t.sweeps] == ["simple", "mask"] and t.sweeps[0].steps == [0, 1, 2, 4, 8]
-    assert any(c.rows[0] == "student" for c in t.claims) and "student" not in t.stages  # absent, not a placeholder
+    modes = [f"{m}_{g}" for m in ("simple", "mask", "renoise") for g in ("early", "middle", "late")]
+    assert [s.name for s in t.sweeps] == [*modes, "pc_late"] and t.sweeps[0].steps == [0, 1, 2, 4, 8]  # R = 0...8
+    assert t.tune.stages == ["srdd", "var"]  # each tuned on its own
+    student = next(c for c in t.claims if c.rows[0] == "student")
+    assert t.stages["student"].args["model.init_args.teacher_ckpt"] == "{srdd}" and student.kind == "cheaper"
     tuned = next(r for r in t.rows if r.tuned)
     assert table.sampling_config(t, {"cfg": 0.0}, tuned.sampling).cfg == 0.0
     # no refinement step: one setting, whatever the mode says (so R = 0 of a sweep reuses the plain row)
@@ -61,7 +64,8 @@ def test_digits_table_yaml_parses_into_rows_stages_tuning_and_sweeps():
     ({"rows": [{"name": "sdd", "stage": "srdd"}]}, r"rows\[0\]: missing key 'label'"),
     ({"stages": {"srdd": {"configs": ["s.yaml"], "sharde": True}}}, r"stages.srdd: unknown key 'sharde'"),
     ({"num_sample": 10}, r"unknown key 'num_sample'"),
-    ({"tune": {"stage": "srdd", "seed": 5, "num_samples": 10, "grids": {}}}, r"tune: unknown key 'grids'"),
+    ({"tune": {"stages": ["srdd"], "seed": 5, "num_samples": 10, "grids": {}}}, r"tune: unknown key 'grids'"),
+    ({"tune": {"stages": ["srdd", "sdd"], "seed": 500, "num_samples": 10}}, r"tune.stages names 'sdd', not one of: srdd, var"),
     ({"rows": [{"name": "sdd", "label": "SDD", "stage": "sdd"}]}, r"rows\[0\].stage is 'sdd', not one of: srdd, var"),
     ({"rows": [{"name": "a", "label": "A", "stage": "srdd", "vs": "b"}]}, r"rows\[0\].vs is 'b'"),
     ({"rows": [{"name": "a", "label": "A", "stage": "srdd", "sampling": {"cfgg": 2}}]}, r"rows\[0\].sampling: .*cfgg"),
@@ -72,7 +76,7 @@ def test_digits_table_yaml_parses_into_rows_stages_tuning_and_sweeps():
     ({"rows": [{"name": "a", "label": "A", "stage": "srdd", "seed": 0}, {"name": "b", "label": "B", "stage": "srdd", "seed": 10}],
       "num_samples": 20}, r"overlap"),  # the noise row's seeds must be disjoint from the others'
     ({"stages": {"srdd": {"configs": ["s.yaml"], "same_budget_as": "sdd"}}, "rows": []}, r"same_budget_as is 'sdd'"),
-    ({"tune": {"stage": "srdd", "seed": 100, "num_samples": 10}, "num_samples": 200}, r"overlap"),
+    ({"tune": {"stages": ["srdd"], "seed": 100, "num_samples": 10}, "num_samples": 200}, r"overlap"),
     ({"rows": [{"name": "a", "label": "A", "stage": "srdd", "tuned": True}]}, r"rows\[0\].tuned is True, not one of: False"),
     ({"claims": [{"text": "x", "kind": "beter", "rows": ["a", "b"]}]}, r"claims\[0\].kind is 'beter', not one of: better, cheaper, converges"),
 ])  # fmt: skip
@@ -268,7 +272,8 @@ def fake_sample(calls):
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         run = json.loads(Path(ckpt).read_text())["run"]
-        noise = 0.2 + 0.1 * abs(sampling.cfg - 1.0) + 0.2 / (1 + sampling.refine_steps) + 0.2 * ("var" in run) + 0.02 * run.endswith("1")
+        R = max(sampling.refine_steps) if isinstance(sampling.refine_steps, list) else sampling.refine_steps
+        noise = 0.2 + 0.1 * abs(sampling.cfg - 1.0) + 0.2 / (1 + R) + 0.2 * ("var" in run) + 0.02 * run.endswith("1")
         labels = [i * 10 // num_samples for i in range(num_samples)]
         imgs = []
         for i, c in enumerate(labels):
@@ -278,7 +283,7 @@ def fake_sample(calls):
             imgs.append((x + noise * torch.randn(x.shape, generator=g)).clamp(-1, 1))
         arr = to_uint8(torch.stack(imgs)).permute(0, 2, 3, 1).numpy()
         np.savez(out / "samples.npz", arr_0=arr, labels=np.array(labels))
-        cost = {"forward_passes": 6 * (1 + sampling.refine_steps), "tokens": 130 * (1 + sampling.refine_steps) * (2 if sampling.cfg else 1)}
+        cost = {"forward_passes": 6 * (1 + R), "tokens": 130 * (1 + R) * (2 if sampling.cfg else 1)}
         (out / "sampling.json").write_text(json.dumps({"seed": seed, "num_samples": num_samples, "seconds_per_image": 0.001,
                                                        "cost_per_image": cost}))  # fmt: skip
         return out
@@ -299,8 +304,12 @@ def small_table(tmp_path, digits_root, classifier_path) -> Path:
     spec = yaml.safe_load(DIGITS_TABLE.read_text())
     spec.update(data=str(digits_root), classifier=str(classifier_path), seeds=[0, 1], num_samples=40, parallel_fits=1)
     spec["tune"].update(num_samples=30, grid={"cfg": [0.5, 2.0]}, refine=[{}, {"resample": "simple", "refine_steps": 2}])
+    spec["sweeps"] = [s for s in spec["sweeps"] if s["name"] in ("simple_late", "mask_late")]
     for s in spec["sweeps"]:
-        s["steps"] = [0, 2, 4]
+        s.update(steps=[0, 2, 4], num_samples=40)
+    # the students join in test_later_stages_join_the_table_by_yaml_entries
+    spec["stages"] = {n: s for n, s in spec["stages"].items() if not n.startswith("student")}
+    spec["rows"] = [r for r in spec["rows"] if not r["stage"].startswith("student")]
     return write_yaml(tmp_path / "table.yaml", spec)
 
 
@@ -314,23 +323,26 @@ def test_table_rows_are_computed_reused_and_rendered(tmp_path, digits_root, clas
     run = lambda: table.reproduce_table(table=str(spec), runs=str(tmp_path / "runs"), results=str(tmp_path / "results"), device="cpu")  # noqa: E731
     md = run().read_text()
     assert len(fit.calls) == 5  # tokenizer once; srdd and var for seeds 0 and 1
-    # 2 seeds x (4 tuning points + rows var, sdd, sdd_resampled, sdd_sr, sdd_mr, sdd_tuned, sdd_few + the sweep points
-    # R = 4 of each curve: R = 0 is the sdd row, R = 2 the sdd_sr and sdd_mr rows, reused by their keys)
-    assert len(calls) == 2 * (4 + 7 + 2)
+    # tuning: 2 stages x 4 points on training seed 0; rows: 2 seeds x 8 (var, sdd, sdd_resampled, sdd_sr, sdd_mr,
+    # var_tuned, sdd_tuned, sdd_few); sweeps: 2 seeds x (R = 0, shared by both curves by its key, + R = 2 and 4 of each)
+    assert len(calls) == 2 * 4 + 2 * 8 + 2 * (1 + 2 * 2)
     out = tmp_path / "results" / "digits"
     data = json.loads((out / "table.json").read_text())
-    assert list(data["rows"]["sdd"]["per_seed"]) == ["0", "1"] and data["rows"]["floor"]["per_seed"]["–"]["num_samples"] == 40
-    assert data["tune"]["chosen"]["sampling"]["cfg"] == 0.5  # the stand-in's quality peaks at cfg 1: 0.5 beats 2.0
+    assert list(data["rows"]["sdd"]["per_seed"]) == ["0", "1"] and data["rows"]["floor"]["per_seed"]["–"]["num_samples"] == 1533 // 2
+    chosen = data["tune"]["chosen"]  # per stage; the stand-in's quality peaks at cfg 1: 0.5 beats 2.0
+    assert {st: c["sampling"]["cfg"] for st, c in chosen.items()} == {"srdd": 0.5, "var": 0.5}
     # tuned on held-out seeds only, and jointly over guidance and refinement including none
     assert sorted(c for c in calls if c[0] != 0 and c[0] != 2_000_000) == [(1_000_000, 30)] * 8
-    assert {c["group"] for c in data["tune"]["candidates"]} == {"no refinement", "resample simple, refine_steps 2"}
+    assert {c["group"] for c in data["tune"]["candidates"]} == {f"{st}: {f}" for st in ("srdd", "var")
+                                                                for f in ("no refinement", "resample simple, refine_steps 2")}
     assert len(list((out / "samples").glob("*/metrics-*.json"))) == len(calls)  # one stored result per sample set
-    assert "| SDD (markov) |" in md and " ± " in md and "real-vs-real floor (N=40)" in md
+    assert "| SDD (markov) |" in md and " ± " in md and "| real vs real (766 vs 766) |" in md
     assert "**How to read this table.** A difference is larger than its noise" in md and "VAR (causal) vs SDD (markov)" in md
     assert "SDD ≤ VAR at equal training budget**: supported" in md  # the stand-in makes VAR noisier
     assert "fewer-scale student keeps the quality at ~20 % less compute**: not measured in this run (no row student)" in md
     assert "- **sampling noise**: SDD on disjoint sample seeds: FID moves by" in md and "σ ≈" in md
-    assert "FID over the training seeds: cfg 0.5, resample simple, refine_steps 2" in md  # the held-out tuning's choice
+    tuned = "cfg 0.5, resample simple, refine_steps 2"  # the held-out tuning's choice, per stage
+    assert f"the lowest FID: srdd: {tuned}; var: {tuned}" in md
     assert "- **timings**: training" in md and "rows" in md
     for name in ("fid_vs_refinement", "fid_vs_guidance", "fid_vs_cost"):
         assert (out / f"{name}.png").stat().st_size > 0
@@ -338,11 +350,11 @@ def test_table_rows_are_computed_reused_and_rendered(tmp_path, digits_root, clas
 
     fit.calls.clear()
     calls.clear()
-    scored = []  # evaluations: a re-run scores only the real-vs-real floor, every row's metrics are stored
+    scored = []  # evaluations of samples: a re-run scores none, every row's metrics are stored
     evaluate_arrays = table.ev.evaluate_arrays
     monkeypatch.setattr(table.ev, "evaluate_arrays", lambda *a, **k: scored.append(1) or evaluate_arrays(*a, **k))
     assert run().read_text().split("- **timings**")[0] == md.split("- **timings**")[0] and calls == fit.calls == []
-    assert len(scored) == 1
+    assert scored == []
     for f in (out / "samples").glob("*/metrics-*.json"):  # results gone (a metric change): re-scored from the samples
         f.unlink()
     again = run().read_text()
@@ -361,6 +373,7 @@ def test_later_stages_join_the_table_by_yaml_entries(tmp_path, digits_root, clas
     spec["stages"]["policy"] = {"configs": ["experiments/digits/srdd.yaml"], "args": {"model.init_args.generator_ckpt": "{srdd}"}}
     spec["rows"] += [{"name": "student", "label": "student", "stage": "student", "vs": "sdd"},
                      {"name": "policy", "label": "learned policy", "stage": "srdd", "policy": "policy", "vs": "sdd"}]
+    spec["claims"] = [{**c, "rows": ["student", "sdd"]} for c in spec["claims"] if c["rows"][0] == "student"]  # untuned
     monkeypatch.chdir(REPO)
     md = table.reproduce_table(table=str(write_yaml(tmp_path / "t.yaml", spec)), runs=str(tmp_path / "runs"),
                                results=str(tmp_path / "results"), device="cpu").read_text()

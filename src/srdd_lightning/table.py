@@ -20,11 +20,12 @@ import numpy as np
 import torch
 import yaml
 from jsonargparse import CLI
-from scipy import stats
 
 from srdd_lightning import evaluation as ev
 from srdd_lightning.data.index import ShardIndex
 from srdd_lightning.loading import resolve_checkpoint
+from srdd_lightning.metrics.seeds import seed_stat as stat
+from srdd_lightning.metrics.seeds import welch_p as welch
 from srdd_lightning.sampling import sample_cli
 from srdd_lightning.sampling.config import SamplingConfig
 from srdd_lightning.utils.io import atomic_write, atomic_write_text, write_json
@@ -38,8 +39,9 @@ SCHEMA = {  # each section's keys and defaults; experiments/digits/table.yaml ex
               "parallel_fits": 1, "alpha": 0.05, "sampling": {}, "tune": None, "sweeps": [], "claims": [], "notes": {}},
     "stage": {"configs": NEED, "args": {}, "shared": False, "same_budget_as": None},
     "row": {"name": NEED, "label": NEED, "stage": NEED, "sampling": {}, "tuned": False, "policy": None, "vs": None, "seed": None},
-    "tune": {"stage": NEED, "seed": NEED, "num_samples": NEED, "grid": {"cfg": [0.0, 1.5]}, "refine": [{}]},
-    "sweep": {"name": NEED, "label": NEED, "stage": NEED, "sampling": NEED, "steps": [0, 1, 2, 4, 8]},
+    "tune": {"stages": NEED, "seed": NEED, "num_samples": NEED, "grid": {"cfg": [0.0, 1.5]}, "refine": [{}], "seeds": None},
+    "sweep": {"name": NEED, "label": NEED, "stage": NEED, "sampling": NEED, "steps": [0, 1, 2, 4, 8], "num_samples": None,
+              "seeds": None},
     "claim": {"text": NEED, "kind": NEED, "rows": NEED, "max_cost": 0.8},
 }
 
@@ -77,6 +79,8 @@ def load_table(path: str | Path) -> NS:
         if bad := next((k for k in names if getattr(x, k, None) not in (None, *names[k])), None):
             raise TableError(f"{path}: {where}.{bad} is {getattr(x, bad)!r}, not one of: {', '.join(map(str, names[bad]))}")
         sampling_config(t, x.sampling if where.startswith("rows") else {}, where=f"{path}: {where}.sampling")
+    if t.tune and (bad := [n for n in t.tune.stages if n not in st]):
+        raise TableError(f"{path}: tune.stages names {bad[0]!r}, not one of: {', '.join(st)}")
     for i, (n, s) in enumerate(t.stages.items()):  # "{stage}": an earlier stage; a shared one may name shared ones only
         if bad := [m for v in s.args.values() for m in REF.findall(str(v)) if m not in st[:i] or s.shared > t.stages[m].shared]:
             raise TableError(f"{path}: stages.{n}.args names {bad[0]!r}, not an earlier stage it can take a checkpoint of")
@@ -139,15 +143,6 @@ def train_all(t: NS, opts: NS) -> dict[str, dict[int | None, Path]]:
         for n, s in t.stages.items():
             jobs.update({(n, k): pool.submit(one, n, k) for k in ([None] if s.shared else t.seeds)})
     return {n: {k: job.result() for (m, k), job in jobs.items() if m == n} for n in t.stages}
-
-def stat(per: dict, key: str = "fid") -> tuple[float, float, list[float]]:
-    v = [float(r[key]) for r in per.values() if r.get(key) is not None]  # (mean, std with ddof 1, values) over the seeds
-    return float(np.mean(v)) if v else np.nan, float(np.std(v, ddof=1)) if len(v) > 1 else np.nan, v
-
-def welch(a: dict, b: dict) -> float:
-    """Two-sided p of Welch's t-test (unequal variances) of the per-seed FIDs; nan with < 2 seeds a side."""
-    (_, sa, va), (_, sb, vb) = stat(a), stat(b)
-    return float(stats.ttest_ind(va, vb, equal_var=False).pvalue) if np.nan_to_num(sa) + np.nan_to_num(sb) > 0 else np.nan
 
 def compare(a: dict, b: dict, alpha: float) -> tuple[str, float, float]:
     d, p = stat(a["per_seed"])[0] - stat(b["per_seed"])[0], welch(a["per_seed"], b["per_seed"])
@@ -235,10 +230,10 @@ def reproduce_table(dataset: str = "digits", table: str | None = None, runs: str
     ref = ev.dataset_reference(index, ext, cache := Path(runs) / "reference_stats", batch_size=t.batch_size)
     metrics_file = f"metrics-{hashlib.sha256(f'{FORMAT}{ext.cache_key}{ref.dataset}'.encode()).hexdigest()[:12]}.json"
     sha = {p: hashlib.file_digest(p.open("rb"), "sha256").hexdigest() for d in ckpts.values() for p in d.values()}
-    def per_seed(stage: str, s: SamplingConfig, seed: int, n: int, policy: str | None = None) -> dict:
-        """{training seed: metrics} of the stage's checkpoints sampled on the seeds seed..seed+n-1, or the stored ones."""
+    def per_seed(stage: str, s: SamplingConfig, seed: int, n: int, policy: str | None = None, only=None) -> dict:
+        """{training seed (of ``only``): metrics} of the stage's checkpoints sampled on seeds seed..seed+n-1, or stored."""
         done = {}
-        for k, ckpt in ckpts[stage].items():
+        for k, ckpt in ((k, c) for k, c in ckpts[stage].items() if only is None or k in only):
             pol = ckpts[policy][k] if policy else None  # the policy stage's checkpoint of the same seed
             key = json.dumps({"sampling": s.to_dict(), "seed": seed, "n": n, "ckpt": sha[ckpt], "policy": pol and sha[pol]})
             folder = out / "samples" / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -246,9 +241,8 @@ def reproduce_table(dataset: str = "digits", table: str | None = None, runs: str
                 done[k] = json.loads((folder / metrics_file).read_text())
                 continue
             if not (folder / "samples.npz").is_file():  # written once every sample exists
-                sample_cli.sample_to_folder(
-                    ckpt=str(ckpt), out=str(folder), num_samples=n, seed=seed, batch_size=t.batch_size, sampling=s,
-                    device=device, progress=False, **({"policy_ckpt": str(pol)} if pol else {}))
+                sample_cli.sample_to_folder(ckpt=str(ckpt), out=str(folder), num_samples=n, seed=seed, batch_size=t.batch_size,
+                                            sampling=s, device=device, progress=False, policy_ckpt=pol and str(pol))
                 for png in folder.glob("[0-9]*_c*.png"):  # samples.npz holds them all
                     png.unlink()
             images, labels, rec = ev.load_samples(folder / "samples.npz")
@@ -258,15 +252,18 @@ def reproduce_table(dataset: str = "digits", table: str | None = None, runs: str
         return done
     rows, facts = {}, {"N": N, "seeds": t.seeds, "seed": t.seed, "device": dev, "defaults": describe(base, {}), "tuned": "–",
                        "noise": "–", "features": f"{ext.cache_key} ({ext.feature_dim}-d) vs {ref.count} train images"}
-    if t.tune:  # every grid point x every refinement option (none included), on the held-out sample seeds
-        cands = [{"sampling": (s := sampling_config(t, dict(zip(t.tune.grid, g)), f)).to_dict(), "x": s.cfg,
-                  "group": describe(f, {}) if f else "no refinement",
-                  "per_seed": per_seed(t.tune.stage, s, t.tune.seed, t.tune.num_samples)}
-                 for f in t.tune.refine for g in itertools.product(*t.tune.grid.values())]
-        tune = {"candidates": cands, "chosen": min(cands, key=lambda c: stat(c["per_seed"])[0])}
-        facts["tuned"], _ = describe(tune["chosen"]["sampling"], base), marks.append(("guidance tuning", time.time()))
+    if t.tune:  # per stage, every grid point x every refinement option (none included), on held-out sample seeds
+        cands = [{"sampling": (s := sampling_config(t, dict(zip(t.tune.grid, g)), f)).to_dict(), "x": s.cfg, "stage": st,
+                  "group": f"{st}: " + (describe(f, {}) if f else "no refinement") + "".join(
+                      f", {k} {v}" for k, v in zip(t.tune.grid, g) if k != "cfg"),
+                  "per_seed": per_seed(st, s, t.tune.seed, t.tune.num_samples, only=t.tune.seeds)}
+                 for st in t.tune.stages for f in t.tune.refine for g in itertools.product(*t.tune.grid.values())]
+        chosen = {st: min((c for c in cands if c["stage"] == st), key=lambda c: stat(c["per_seed"])[0]) for st in t.tune.stages}
+        tune, _ = {"candidates": cands, "chosen": chosen}, marks.append(("guidance tuning", time.time()))
+        facts["tuned"] = "; ".join(f"{st}: {describe(c['sampling'], base)}" for st, c in chosen.items())
     for x in t.rows:
-        s = sampling_config(t, tune["chosen"]["sampling"] if x.tuned else {}, x.sampling)
+        tuned = x.tuned and tune["chosen"].get(x.stage, next(iter(tune["chosen"].values())))["sampling"]
+        s = sampling_config(t, tuned or {}, x.sampling)
         rows[x.name] = {"label": x.label, "sampling": describe(s.to_dict(), base) + f", policy {x.policy}" * bool(x.policy),
                         "per_seed": per_seed(x.stage, s, t.seed if x.seed is None else x.seed, N, x.policy)}
         if x.seed is not None and x.vs:  # the same checkpoints on disjoint sample seeds: what sampling alone moves FID by
@@ -274,7 +271,8 @@ def reproduce_table(dataset: str = "digits", table: str | None = None, runs: str
             facts["noise"] = f"FID moves by {', '.join(f'{e:+.2f}' for e in d)}: σ ≈ {np.sqrt(np.mean(d**2) / 2):.2f}"
     fill = lambda v, R: R if v == "R" else [fill(e, R) for e in v] if isinstance(v, list) else v  # noqa: E731
     sweeps = [{"name": c.name, "label": c.label, "points": [{"x": R, "R": R, "per_seed": per_seed(c.stage, sampling_config(
-        t, {k: fill(v, R) for k, v in c.sampling.items()}), t.seed, N)} for R in c.steps]} for c in t.sweeps]
+        t, {k: fill(v, R) for k, v in c.sampling.items()}), t.seed, c.num_samples or N, only=c.seeds)} for R in c.steps]}
+        for c in t.sweeps]  # fmt: skip
     marks.append(("rows and sweeps", time.time()))
     fl, n = ev.real_vs_real(index, ext, t.batch_size)
     facts["floor"] = (f"FID {fl['fid']:.2f}, KID {fl['kid_mean']:.4g} between two disjoint halves of the reference split "
