@@ -559,7 +559,7 @@ def _run_tool(fn: Callable, argv: Sequence[str], prog: str, description: str) ->
 
 
 def evaluate_tool(argv: Sequence[str]) -> None:
-    _run_tool(evaluate, argv, "srdd evaluate", "FID / IS / precision-recall / class accuracy of generated samples.")
+    _run_tool(evaluate, argv, "srdd evaluate", "FID / KID / IS / precision-recall / class accuracy of generated samples.")
 
 
 def classifier_tool(argv: Sequence[str]) -> None:
