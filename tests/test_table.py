@@ -204,8 +204,9 @@ def test_welch_test_and_verdicts_on_hand_made_seeds():
     assert claim("cheaper", ["few", "sdd"]).startswith("- **claim**: not supported.")  # 90 % > 80 % of the tokens
 
 
-def sweep(name, fids_by_R):
-    return {"name": name, "label": name, "points": [{"R": R, "x": R, "per_seed": row("", f)["per_seed"]} for R, f in fids_by_R.items()]}
+def sweep(name, fids_by_R, accuracy=0.9):
+    points = [{"R": R, "x": R, "per_seed": row("", f, class_accuracy=accuracy - 0.01 * R)["per_seed"]} for R, f in fids_by_R.items()]
+    return {"name": name, "label": name, "points": points}
 
 
 def test_converges_claim_needs_a_non_increasing_curve_that_beats_r0():
@@ -248,7 +249,9 @@ def test_markdown_shows_mean_std_kid_floor_costs_reading_and_claims(tmp_path):
     tune = {"candidates": [{"x": g, "group": grp, "per_seed": row("", [10 + g, 11 + g])["per_seed"]}
                            for grp in ("no refinement", "resample simple, refine_steps 2") for g in (0.0, 1.5)]}
     figs = table.make_figures(rows, tune, [sweep("simple", {0: [50, 51], 2: [45, 46]})], "digits: ")
-    assert set(figs) == {"fid_vs_refinement", "fid_vs_guidance", "fid_vs_cost"}
+    assert set(figs) == {"fid_vs_refinement", "accuracy_vs_refinement", "fid_vs_guidance", "fid_vs_cost"}
+    accuracy = figs["accuracy_vs_refinement"].axes[0]  # in percent: 90 % at R = 0, 88 % at R = 2
+    assert accuracy.lines[0].get_ydata() == pytest.approx([90.0, 88.0]) and "class accuracy" in accuracy.get_ylabel()
     assert len(figs["fid_vs_guidance"].axes[0].containers) == 2  # one error-bar curve per refinement option
     bars = figs["fid_vs_refinement"].axes[0].containers[0]  # ± the std over the seeds of [50, 51] and [45, 46]
     assert bars.has_yerr and [np.ptp(seg[:, 1]) for seg in bars.lines[2][0].get_segments()] == pytest.approx([2 * np.std([50, 51], ddof=1)] * 2)
@@ -344,7 +347,7 @@ def test_table_rows_are_computed_reused_and_rendered(tmp_path, digits_root, clas
     tuned = "cfg 0.5, resample simple, refine_steps 2"  # the held-out tuning's choice, per stage
     assert f"the lowest FID: srdd: {tuned}; var: {tuned}" in md
     assert "- **timings**: training" in md and "rows" in md
-    for name in ("fid_vs_refinement", "fid_vs_guidance", "fid_vs_cost"):
+    for name in ("fid_vs_refinement", "accuracy_vs_refinement", "fid_vs_guidance", "fid_vs_cost"):
         assert (out / f"{name}.png").stat().st_size > 0
     assert not list((out / "samples").glob("*/*.png"))  # samples.npz holds them
 

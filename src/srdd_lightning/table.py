@@ -190,21 +190,26 @@ def render_markdown(t: NS, head: dict, rows: dict, reading: list[str], claims: l
     return "\n".join(lines + claims) + "\n"
 
 def make_figures(rows: dict, tune: dict | None, sweeps: list[dict], title: str) -> dict:
-    """FID vs refinement steps (a curve per sweep), vs guidance (the held-out tuning), vs cost; error bars over seeds."""
+    """FID (and class accuracy) vs refinement steps (a curve per sweep), FID vs guidance (the held-out tuning) and vs
+    cost; error bars are the std over training seeds."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
-    cands, figs = tune["candidates"] if tune else [], {}
-    series = {"fid_vs_refinement": ("refinement steps R per scale", [(s["label"], s["points"]) for s in sweeps]),
+    cands, figs, R = tune["candidates"] if tune else [], {}, "refinement steps R per scale"
+    curves = [(s["label"], s["points"]) for s in sweeps]
+    series = {"fid_vs_refinement": (R, curves, "fid", 1), "accuracy_vs_refinement": (R, curves, "class_accuracy", 100),
               "fid_vs_guidance": ("guidance weight (held-out sample seeds)",
-                                  [(c["group"], [d for d in cands if d["group"] == c["group"]]) for c in cands]),
+                                  [(c["group"], [d for d in cands if d["group"] == c["group"]]) for c in cands], "fid", 1),
               "fid_vs_cost": ("forward tokens per image", [(n, [{**r, "x": stat(r["per_seed"], "tokens")[0]}])
-                                                           for n, r in rows.items()])}
-    for name, (xlabel, curves) in ((k, v) for k, v in series.items() if v[1]):
+                                                           for n, r in rows.items()], "fid", 1)}  # fmt: skip
+    ylabel = {"fid": "FID", "class_accuracy": "class accuracy %"}
+    for name, (xlabel, lines, key, scale) in ((k, v) for k, v in series.items() if v[1]):
         ax = figs.setdefault(name, Figure(figsize=(5.5, 3.8), layout="tight")).subplots()
-        for label, points in dict(curves).items():  # one curve per label (the tuning: per refinement option)
-            m, sd, _ = zip(*(stat(p["per_seed"]) for p in points))
-            ax.errorbar([p["x"] for p in points], m, yerr=np.nan_to_num(sd), marker="o", capsize=3, label=label)
-        ax.set(xlabel=xlabel, ylabel="FID (mean ± std over training seeds)", title=f"{title}{name.replace('_', ' ')}")
-        ax.legend(fontsize=7)
+        for label, points in dict(lines).items():  # one curve per label (the tuning: per refinement option)
+            m, sd, _ = zip(*(stat(p["per_seed"], key) for p in points))
+            ax.errorbar([p["x"] for p in points], np.multiply(m, scale), yerr=np.nan_to_num(sd) * scale, marker="o",
+                        capsize=3, label=label)
+        ax.set(xlabel=xlabel, ylabel=f"{ylabel[key]} (mean ± std over training seeds)",
+               title=f"{title}{name.replace('_', ' ')}")
+        ax.legend(fontsize=6 if len(lines) > 6 else 7)
     return figs
 
 def reproduce_table(dataset: str = "digits", table: str | None = None, runs: str = "runs", results: str = "results",
