@@ -57,6 +57,9 @@ def test_digits_table_yaml_parses_into_rows_stages_tuning_and_sweeps():
     assert table.sampling_config(t, {"cfg": 0.0}, tuned.sampling).cfg == 0.0
     # no refinement step: one setting, whatever the mode says (so R = 0 of a sweep reuses the plain row)
     assert table.sampling_config(t, {"resample": "mask", "refine_steps": 0}) == table.sampling_config(t)
+    # no guidance: one setting, whatever the schedule (the tuning grid's cfg 0 is sampled once)
+    assert table.sampling_config(t, {"cfg": 0, "cfg_schedule": "constant"}) == table.sampling_config(t, {"cfg": 0})
+    assert table.sampling_config(t, {"cfg": 1, "cfg_schedule": "constant"}).cfg_schedule == "constant"
 
 
 @pytest.mark.parametrize("change, message", [

@@ -57,13 +57,16 @@ def build(section: str, raw: object, where: str) -> NS:
     return NS(**{**keys, **given})
 
 def sampling_config(t: NS, *layers: dict, where: str = "sampling") -> SamplingConfig:
-    """The table's sampling defaults with ``layers`` on top; with no refinement step the mode is moot: "none"."""
+    """The table's sampling defaults with ``layers`` on top, in one spelling per distinct sampler: with no refinement
+    step the mode is moot ("none"), without guidance its schedule ("linear")."""
     try:
         s = SamplingConfig(**{k: v for layer in (t.sampling, *layers) for k, v in layer.items()})
     except TypeError as e:
         raise TableError(f"{where}: {e} (the fields: {', '.join(SamplingConfig.__dataclass_fields__)})") from None
     none = not any(s.refine_steps if isinstance(s.refine_steps, list) else [s.refine_steps])
-    return SamplingConfig(**{**s.to_dict(), "resample": "none", "refine_steps": 0, "p_resample": 0.5}) if none else s
+    moot = {"resample": "none", "refine_steps": 0, "p_resample": 0.5} if none else {}
+    moot |= {"cfg_schedule": "linear"} if s.cfg == 0 and isinstance(s.cfg_schedule, str) else {}
+    return SamplingConfig(**{**s.to_dict(), **moot}) if moot else s
 
 def load_table(path: str | Path) -> NS:
     """Parse and check a table YAML; each error names the file and the key."""
