@@ -80,6 +80,9 @@ def test_digits_table_yaml_parses_into_rows_stages_tuning_and_sweeps():
       "num_samples": 20}, r"overlap"),  # the noise row's seeds must be disjoint from the others'
     ({"stages": {"srdd": {"configs": ["s.yaml"], "same_budget_as": "sdd"}}, "rows": []}, r"same_budget_as is 'sdd'"),
     ({"tune": {"stages": ["srdd"], "seed": 100, "num_samples": 10}, "num_samples": 200}, r"overlap"),
+    ({"tune": {"stages": ["srdd"], "seed": 500, "num_samples": 10, "seeds": [7]}}, r"tune.seeds names 7, not one of the training seeds"),
+    ({"sweeps": [{"name": "s", "label": "S", "stage": "srdd", "sampling": {"refine_steps": "R"}, "seeds": [0, 3]}], "seeds": [0, 1]},
+     r"sweeps\[0\].seeds names 3"),
     ({"rows": [{"name": "a", "label": "A", "stage": "srdd", "tuned": True}]}, r"rows\[0\].tuned is True, not one of: False"),
     ({"claims": [{"text": "x", "kind": "beter", "rows": ["a", "b"]}]}, r"claims\[0\].kind is 'beter', not one of: better, cheaper, converges"),
 ])  # fmt: skip

@@ -84,6 +84,9 @@ def load_table(path: str | Path) -> NS:
         sampling_config(t, x.sampling if where.startswith("rows") else {}, where=f"{path}: {where}.sampling")
     if t.tune and (bad := [n for n in t.tune.stages if n not in st]):
         raise TableError(f"{path}: tune.stages names {bad[0]!r}, not one of: {', '.join(st)}")
+    for where, x in [("tune", t.tune)] * bool(t.tune) + [(f"sweeps[{i}]", x) for i, x in enumerate(t.sweeps)]:
+        if bad := [k for k in x.seeds or [] if k not in t.seeds]:  # else it would silently measure no seed
+            raise TableError(f"{path}: {where}.seeds names {bad[0]!r}, not one of the training seeds {t.seeds}")
     for i, (n, s) in enumerate(t.stages.items()):  # "{stage}": an earlier stage; a shared one may name shared ones only
         if bad := [m for v in s.args.values() for m in REF.findall(str(v)) if m not in st[:i] or s.shared > t.stages[m].shared]:
             raise TableError(f"{path}: stages.{n}.args names {bad[0]!r}, not an earlier stage it can take a checkpoint of")
@@ -193,25 +196,24 @@ def render_markdown(t: NS, head: dict, rows: dict, reading: list[str], claims: l
     return "\n".join(lines + claims) + "\n"
 
 def make_figures(rows: dict, tune: dict | None, sweeps: list[dict], title: str) -> dict:
-    """FID (and class accuracy) vs refinement steps (a curve per sweep), FID vs guidance (the held-out tuning) and vs
+    """FID and class accuracy vs refinement steps (a curve per sweep), FID vs guidance (the held-out tuning) and vs
     cost; error bars are the std over training seeds."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
     cands, figs, R = tune["candidates"] if tune else [], {}, "refinement steps R per scale"
     curves = [(s["label"], s["points"]) for s in sweeps]
-    series = {"fid_vs_refinement": (R, curves, "fid", 1), "accuracy_vs_refinement": (R, curves, "class_accuracy", 100),
+    series = {"fid_vs_refinement": (R, curves, "fid"), "accuracy_vs_refinement": (R, curves, "class_accuracy"),
               "fid_vs_guidance": ("guidance weight (held-out sample seeds)",
-                                  [(c["group"], [d for d in cands if d["group"] == c["group"]]) for c in cands], "fid", 1),
+                                  [(c["group"], [d for d in cands if d["group"] == c["group"]]) for c in cands], "fid"),
               "fid_vs_cost": ("forward tokens per image", [(n, [{**r, "x": stat(r["per_seed"], "tokens")[0]}])
-                                                           for n, r in rows.items()], "fid", 1)}  # fmt: skip
-    ylabel = {"fid": "FID", "class_accuracy": "class accuracy %"}
-    for name, (xlabel, lines, key, scale) in ((k, v) for k, v in series.items() if v[1]):
-        ax = figs.setdefault(name, Figure(figsize=(5.5, 3.8), layout="tight")).subplots()
+                                                           for n, r in rows.items()], "fid")}  # fmt: skip
+    for name, (xlabel, lines, key) in ((k, v) for k, v in series.items() if v[1]):
+        ax, (scale, ylabel) = figs.setdefault(name, Figure(figsize=(5.5, 3.8), layout="tight")).subplots(), (
+            (100, "class accuracy %") if key == "class_accuracy" else (1, "FID"))
         for label, points in dict(lines).items():  # one curve per label (the tuning: per refinement option)
             m, sd, _ = zip(*(stat(p["per_seed"], key) for p in points))
             ax.errorbar([p["x"] for p in points], np.multiply(m, scale), yerr=np.nan_to_num(sd) * scale, marker="o",
                         capsize=3, label=label)
-        ax.set(xlabel=xlabel, ylabel=f"{ylabel[key]} (mean ± std over training seeds)",
-               title=f"{title}{name.replace('_', ' ')}")
+        ax.set(xlabel=xlabel, ylabel=f"{ylabel} (mean ± std over training seeds)", title=f"{title}{name.replace('_', ' ')}")
         ax.legend(fontsize=6 if len(lines) > 6 else 7)
     return figs
 
@@ -238,7 +240,7 @@ def reproduce_table(dataset: str = "digits", table: str | None = None, runs: str
     ref = ev.dataset_reference(index, ext, cache := Path(runs) / "reference_stats", batch_size=t.batch_size)
     metrics_file = f"metrics-{hashlib.sha256(f'{FORMAT}{ext.cache_key}{ref.dataset}'.encode()).hexdigest()[:12]}.json"
     sha = {p: hashlib.file_digest(p.open("rb"), "sha256").hexdigest() for d in ckpts.values() for p in d.values()}
-    def per_seed(stage: str, s: SamplingConfig, seed: int, n: int, policy: str | None = None, only=None) -> dict:
+    def per_seed(stage: str, s: SamplingConfig, seed: int, n: int, policy: str | None = None, only: list | None = None):
         """{training seed (of ``only``): metrics} of the stage's checkpoints sampled on seeds seed..seed+n-1, or stored."""
         done = {}
         for k, ckpt in ((k, c) for k, c in ckpts[stage].items() if only is None or k in only):
