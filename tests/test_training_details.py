@@ -202,9 +202,10 @@ def test_restarted_codes_reset_their_adam_moments(tmp_path):
 def test_drop_path_keeps_the_expectation():
     dp = DropPath(0.25).train()
     x = torch.ones(4000, 3)
-    y = dp(x, torch.Generator().manual_seed(0))
-    assert torch.allclose(y.unique(), torch.tensor([0.0, 1 / 0.75]))
-    assert y.mean().item() == pytest.approx(1.0, abs=0.03)
+    for u_B in (torch.rand(4000, generator=torch.Generator().manual_seed(0)), None):  # the caller's draws, global RNG
+        y = dp(x, u_B)
+        assert torch.allclose(y.unique(), torch.tensor([0.0, 1 / 0.75]))
+        assert y.mean().item() == pytest.approx(1.0, abs=0.03)
     assert torch.equal(dp.eval()(x), x)
 
 

@@ -24,8 +24,8 @@ def _ema_update(decay: float, warmup: bool):
     """``multi_avg_fn`` for ``AveragedModel``: one foreach lerp per (device, dtype) group."""
 
     @torch.no_grad()
-    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        n = int(n_averaged)  # updates so far; AveragedModel copies the weights at the first one
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n_averaged: torch.Tensor | int) -> None:
+        n = int(n_averaged)  # updates so far (a host int from EMA / ShardedEMA); AveragedModel copies at the first
         d = min(decay, (1 + n) / (10 + n)) if warmup else decay
         if ema_params and ema_params[0].is_floating_point():
             torch._foreach_lerp_(ema_params, params, 1.0 - d)
@@ -54,11 +54,34 @@ class EMA(WeightAveraging):
         # Buffers are not averaged (use_buffers=False): AveragedModel keeps them equal to the module's.
         super().__init__(use_buffers=False, multi_avg_fn=_ema_update(decay, warmup))
         self.decay, self.warmup, self.every_n_steps = decay, warmup, every_n_steps
+        self._update = _ema_update(decay, warmup)
+        self._updates: int | None = None
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.every_n_steps == 0
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """``WeightAveraging``'s update without its host syncs: ``AveragedModel.update_parameters`` reads the device
+        counter ``n_averaged`` on the host twice per step (a GPU sync each); here the count is a host integer, read
+        from the device once per fit, and the same lerp (:func:`_ema_update`) is applied."""
+        if not (trainer.global_step > self._latest_update_step and self.should_update(step_idx=trainer.global_step - 1)):
+            return
+        avg = self._average_model
+        assert avg is not None
+        if self._updates is None:
+            self._updates = int(avg.n_averaged)
+        ema_p = [p.detach() for p in avg.module.parameters()]
+        cur_p = [p.detach() for p in pl_module.parameters()]
+        if self._updates == 0:  # as AveragedModel: the first update copies the weights
+            torch._foreach_copy_(ema_p, cur_p)
+        else:
+            self._update(ema_p, cur_p, self._updates)
+        avg.n_averaged.add_(1)
+        self._updates += 1
+        self._latest_update_step = trainer.global_step
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._updates = None  # host copy of n_averaged, read at the first update of this fit
         super().setup(trainer, pl_module, stage)
         if self._average_model is not None:
             # Frozen submodules (the generator's tokenizer) never change: share them instead of keeping a copy.
@@ -129,7 +152,7 @@ class ShardedEMA(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step > self.n_averaged:  # once per optimizer step (gradient accumulation)
-            self._update(self._shadow, [p.detach().float() for p in self._params], torch.tensor(self.n_averaged))
+            self._update(self._shadow, [p.detach().float() for p in self._params], self.n_averaged)
             self.n_averaged = trainer.global_step
 
     def _swap(self) -> None:

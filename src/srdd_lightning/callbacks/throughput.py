@@ -1,4 +1,4 @@
-"""Lightning's ``ThroughputMonitor`` for the framework's batches: samples/s, batches/s, FLOPs/s and MFU."""
+"""Lightning's ``ThroughputMonitor`` for the framework's batches: samples/s, tokens/s, FLOPs/s and MFU."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 
 
 def images_in_batch(batch: Any) -> int:
-    """Batches are ``(images_B3HW, labels_B)``; a batch of B images counts B samples."""
+    """Batches are ``(images_B3HW, labels_B)`` or cached ``(idx_BL, labels_B)``; a batch of B counts B samples."""
     return int(batch[0].shape[0])
 
 
 class Throughput(ThroughputMonitor):
-    """Samples and batches per second, and FLOPs/s and MFU where the stage gives ``flops_per_batch`` (the
-    generator does) and the device's peak is known (CUDA). The CLI adds it to every run with a logger.
+    """Samples and batches per second; tokens per second (``items_per_sec``) where the stage gives
+    ``tokens_per_sample`` (the generator: L tokens per image); FLOPs/s and MFU where it gives ``flops_per_batch``
+    (the generator does) and the device's peak is known (CUDA). The CLI adds it to every run with a logger.
 
     Args:
         window_size: Batches averaged per reported value.
@@ -22,6 +23,15 @@ class Throughput(ThroughputMonitor):
 
     def __init__(self, window_size: int = 50) -> None:
         super().__init__(batch_size_fn=images_in_batch, window_size=window_size)
+        self._tokens_per_sample: int | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._tokens_per_sample = getattr(pl_module, "tokens_per_sample", None)
+        self.length_fn = self._tokens if self._tokens_per_sample else None
+        super().setup(trainer, pl_module, stage)
+
+    def _tokens(self, batch: Any) -> int:
+        return images_in_batch(batch) * int(self._tokens_per_sample or 0)
 
 
 __all__ = ["Throughput", "images_in_batch"]

@@ -124,6 +124,8 @@ class GeneratorOptim:
     (VAR's lin0; VAR uses 0.1 for d16/d20, 0.01 for d24/d30)."""
     grad_clip: float | None = 2.0
     """Clip the global gradient norm to this (null: no clipping; the norm is still logged). Not trainer.gradient_clip_val."""
+    fused: bool | None = None
+    """Fused AdamW kernel (one kernel for all parameters); null: fused on CUDA, the foreach kernel elsewhere."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -217,6 +219,13 @@ class SRDDModule(pl.LightningModule):
             Applied once at setup; a resumed run loads its own checkpoint over it.
         init_from_ignore: Parameters (or modules, e.g. ``class_embed``) of ``init_from`` not to load, kept freshly
             initialised: ``[class_embed]`` fine-tunes on another class count (e.g. ImageNet's VAR on SUN397).
+        attention: How the teacher-forced pass attends: ``flex`` (one block-sparse ``flex_attention`` call, compiled
+            on CUDA), ``sdpa`` (one SDPA call per scale for the markov masks; the cached block-causal mask for
+            causal), ``auto`` (flex on CUDA for the markov masks, sdpa otherwise). Same numbers either way.
+        compile: ``torch.compile`` the generator's training forward (the first steps are slow while it compiles;
+            sampling stays eager). Checkpoints keep the plain parameter names.
+        tf32: Allow TF32 matmuls and convolutions on Ampere or newer GPUs (``torch.set_float32_matmul_precision
+            ("high")``) for the fp32 parts of training; no effect on the CPU.
     """
 
     frozen_submodules = ("tokenizer",)  # the EMA callback shares it instead of averaging a copy
@@ -243,6 +252,9 @@ class SRDDModule(pl.LightningModule):
         tokenizer_ema: bool = True,
         init_from: str | None = None,
         init_from_ignore: list[str] | None = None,
+        attention: Literal["auto", "flex", "sdpa"] = "auto",
+        compile: bool = False,
+        tf32: bool = True,
     ):
         super().__init__()
         architecture, optim = _typed(GeneratorArch, architecture), _typed(GeneratorOptim, optim)
@@ -278,6 +290,7 @@ class SRDDModule(pl.LightningModule):
         cfg = architecture.apply(generator, attn=attn, cond_drop=cond_drop, num_classes=num_classes,
                                  vocab_size=info["vocab_size"], latent_dim=info["latent_dim"], patch_nums=pns)  # fmt: skip
         self.generator = VARTransformer(cfg)
+        self.generator.attention = attention
         self.patch_nums: tuple[int, ...] = tuple(self.generator.patch_nums)
         self.no_decay_names = self.generator.no_weight_decay_names()  # unwrapped names, fixed before any wrapping
         self.register_load_state_dict_post_hook(_ignore_missing_tokenizer_keys)
@@ -285,6 +298,8 @@ class SRDDModule(pl.LightningModule):
         self._run_seed = torch.initial_seed()  # what seed_everything set before the CLI built the module
         self._val_hits_V: torch.Tensor | None = None
         self.flops_per_batch: int | None = None  # read by callbacks.Throughput (FLOPs/s, MFU); set per step
+        self.tokens_per_sample = sum(p * p for p in self.patch_nums)  # callbacks.Throughput's tokens/s
+        self._flops_by_batch: dict[int, int] = {}
         self._weights_set = False  # init_from applied, or weights restored from a checkpoint
 
     # ---- frozen tokenizer stays frozen and in eval mode --------------------------------------------
@@ -340,6 +355,14 @@ class SRDDModule(pl.LightningModule):
             )
         if self.hparams.get("init_from") and not self._weights_set:
             self.load_initial_weights(self.hparams.init_from)
+        if stage == "fit":
+            if self.hparams.get("tf32", True) and torch.cuda.is_available() and self.device.type == "cuda" \
+                    and torch.cuda.get_device_capability(self.device)[0] >= 8:
+                torch.set_float32_matmul_precision("high")
+                torch.backends.cudnn.allow_tf32 = True
+            if self.hparams.get("compile") and self.generator._compiled_call_impl is None:
+                # in place (nn.Module.compile): the state dict keeps its names, the sampler's forward_scale stays eager
+                self.generator.compile(dynamic=False)
 
     # ---- fine-tuning: init_from -----------------------------------------------------------------
 
@@ -465,7 +488,9 @@ class SRDDModule(pl.LightningModule):
             for pn, s in zip(self.patch_nums, scale_slices(self.patch_nums)):
                 out[f"{prefix}/loss_{pn}x{pn}"] = ce_BL[:, s].mean()
                 out[f"{prefix}/acc_{pn}x{pn}"] = correct_BL[:, s].mean()
-            hits_V = torch.bincount(pred_BL.flatten(), minlength=logits_BLV.shape[-1]) > 0
+            # an index fill, not bincount: bincount reads its maximum on the host (a device sync every step)
+            hits_V = torch.zeros(logits_BLV.shape[-1], dtype=torch.bool, device=pred_BL.device)
+            hits_V[pred_BL.flatten()] = True
         return out, hits_V
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -474,7 +499,9 @@ class SRDDModule(pl.LightningModule):
         metrics, hits_V = self._metrics("train", ce_BL, logits_BLV, gt_BL)
         metrics["train/codebook_share"] = hits_V.float().mean()
         B = gt_BL.shape[0]
-        self.flops_per_batch = self.generator.training_flops(B)
+        if B not in self._flops_by_batch:
+            self._flops_by_batch[B] = self.generator.training_flops(B)
+        self.flops_per_batch = self._flops_by_batch[B]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self.log_dict(metrics, batch_size=B)
         return loss
@@ -518,10 +545,11 @@ class SRDDModule(pl.LightningModule):
         named = [(_clean(n), p) for n, p in self.generator.named_parameters() if p.requires_grad]
         decay = [p for n, p in named if n not in self.no_decay_names]
         no_decay = [p for n, p in named if n in self.no_decay_names]
+        fused = opt.fused if opt.fused is not None else all(p.is_cuda for _, p in named)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": opt.weight_decay, "name": "weights"},
              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}],
-            lr=opt.lr, betas=tuple(opt.betas),
+            lr=opt.lr, betas=tuple(opt.betas), fused=fused,
         )  # fmt: skip
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         if total is None:
