@@ -3,13 +3,19 @@ logits as the teacher-forced pass, re-runs of a scale, and the sampler's memory 
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import randomize_weights
 
 from srdd_lightning.models.scales import num_tokens, scale_slices
+from srdd_lightning.models.tokenizer import build_tokenizer
 from srdd_lightning.models.transformer import VARTransformer, build_generator
+from srdd_lightning.sampling import Sampler, SamplingConfig
 
 PNS = (1, 2, 3, 4, 6)
 
@@ -107,3 +113,35 @@ def test_the_cache_refuses_gradients():
     label_B, _ = _inputs()
     with pytest.raises(RuntimeError, match="torch.no_grad"):
         model.forward_scale(0, label_B, None, model.new_cache())
+
+
+def _live_tensors() -> list[torch.Tensor]:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on every live object touches deprecated torch.distributed aliases
+        warnings.simplefilter("ignore", FutureWarning)
+        return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not isinstance(o, torch.nn.Parameter)]
+
+
+@pytest.mark.parametrize("resample", ["none", "mask"])
+def test_markov_sampling_keeps_no_tensor_of_an_earlier_scale(resample, monkeypatch):
+    """When scale k's pass starts, no logits/probabilities (·, pn_j², V) nor input (B, C, pn_j, pn_j) of an
+    earlier scale j is alive: markov sampling holds one scale at a time (the token maps are the output)."""
+    pns = (1, 2, 3, 4, 6, 8)
+    tok = build_tokenizer("digits").eval()
+    gen = build_generator("tiny", attn="markov", patch_nums=pns, width=64, num_heads=2, vocab_size=509).eval()
+    tok.quantizer.codebook = torch.nn.Embedding(509, 16)  # a vocabulary size no other tensor has
+    tok.config = dataclasses.replace(tok.config, vocab_size=509)
+    real, leaks = gen.forward_scale, []
+
+    def spy(si, cond, x_BlC, cache=None, schedule=None):
+        for t in _live_tensors():
+            for j in range(si):
+                n = pns[j] ** 2
+                if (t.dim() == 3 and t.shape[-2:] == (n, 509)) or (t.dim() == 4 and tuple(t.shape[1:]) == (16, pns[j], pns[j])):
+                    leaks.append((si, j, tuple(t.shape)))
+        return real(si, cond, x_BlC, cache, schedule)
+
+    monkeypatch.setattr(gen, "forward_scale", spy)
+    config = SamplingConfig(cfg=1.5, top_k=50, top_p=0.9, resample=resample, refine_steps=2)
+    Sampler(gen, tok).sample(torch.tensor([1, 2]), config, seeds=0)
+    assert leaks == []
