@@ -371,9 +371,11 @@ class Sampler:
     """Generates images from a generator and its tokenizer; used by callbacks, ``srdd sample``, evaluation
     and the resampling policy (one implementation of every sampling option)."""
 
-    def __init__(self, generator: VARTransformer, tokenizer: MultiScaleTokenizer) -> None:
+    def __init__(self, generator: VARTransformer, tokenizer: MultiScaleTokenizer, channels_last_decode: bool = False) -> None:
+        """``channels_last_decode``: decode in the NHWC layout (``MultiScaleTokenizer.decode``; pixels within 2e-4)."""
         check_compatible(generator, tokenizer)
         self.generator, self.tokenizer = generator, tokenizer
+        self.channels_last_decode = channels_last_decode
 
     @property
     def device(self) -> torch.device:
@@ -414,7 +416,7 @@ class Sampler:
         run = _Run(self, labels_B, sched, scale_settings(config, sched), as_seed_list(seeds, labels_B.shape[0]), edit, policy)
         with eval_mode(self.generator, self.tokenizer):
             f_hat, tokens = run()
-            images = self.tokenizer.decode(f_hat).float()
+            images = self.tokenizer.decode(f_hat, channels_last=self.channels_last_decode).float()
         return SampleOutput(images=images, tokens=tokens, cost=run.cost, schedule=sched,
                             tokens_per_sample=run.tokens_B.cpu())
 
