@@ -18,6 +18,11 @@ Schedule = tuple[int, ...]
 # VAR's released schedules (FoundationVision/VAR): 256 px (680 tokens, 16x16 latent) and 512 px (32x32 latent).
 VAR_PATCH_NUMS_256: Schedule = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 VAR_PATCH_NUMS_512: Schedule = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+# 1024 px (64x64 latent; VAR released none): the 512 schedule, then 40, 48, 64. Sharing the 512 schedule's
+# scales lets a 512 px model's embeddings seed a 1024 px one, and the added steps grow by x1.2-1.33, the ratios
+# of the 512 schedule's last scales (18 -> 24 -> 32), so no scale jumps further than the model has learnt to:
+# 13 scales, 10,240 tokens.
+VAR_PATCH_NUMS_1024: Schedule = (*VAR_PATCH_NUMS_512, 40, 48, 64)
 
 
 def as_schedule(patch_nums: Sequence[int]) -> Schedule:

@@ -2,7 +2,8 @@
 
 ``MultiScaleTokenizer`` is a plain ``nn.Module`` with the operations the generator and the sampler need
 (tokens <-> images, teacher-forcing inputs, the single sampler step). Presets by name at the bottom:
-``var-vae-f16`` is VAR's released VQVAE (loadable with ``models.var_import.load_var_vae``); ``digits``,
+``var-vae-f16`` is VAR's released VQVAE (loadable with ``models.var_import.load_var_vae``), ``var-vae-f16-512`` /
+``var-vae-f16-1024`` the same network at 512 / 1024 px; ``digits``,
 ``tiny`` and ``tiny-16`` are CPU-sized for the built-in digits.
 """
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from srdd_lightning.models.quantizer import LOOKUPS, PHI_MODES, MultiScaleResidualQuantizer, QuantizerOutput
-from srdd_lightning.models.scales import VAR_PATCH_NUMS_256, as_schedule
+from srdd_lightning.models.scales import VAR_PATCH_NUMS_256, VAR_PATCH_NUMS_512, VAR_PATCH_NUMS_1024, as_schedule
 from srdd_lightning.models.vae import Decoder, Encoder
 
 
@@ -112,6 +113,9 @@ class TokenizerConfig:
 # Model
 # ---------------------------------------------------------------------------------------------
 
+CHANNELS_LAST_DECODE_ATOL = 2e-4
+"""Largest absolute pixel difference of ``decode(..., channels_last=True)`` from the default decode."""
+
 
 class MultiScaleTokenizer(nn.Module):
     """Encoder + quant_conv + ``MultiScaleResidualQuantizer`` + post_quant_conv + decoder.
@@ -185,10 +189,21 @@ class MultiScaleTokenizer(nn.Module):
         self._check_img(img_B3HW)
         return self.quant_conv(self.encoder(img_B3HW))
 
-    def decode(self, f_hat_BChw: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-        """Latent f_hat -> image; clamped to [-1, 1] unless ``clamp=False`` (training)."""
+    def decode(self, f_hat_BChw: torch.Tensor, clamp: bool = True, channels_last: bool = False) -> torch.Tensor:
+        """Latent f_hat -> image (contiguous); clamped to [-1, 1] unless ``clamp=False`` (training).
+
+        ``channels_last=True`` runs the decoder's convolutions in the NHWC layout (the one cuDNN and oneDNN
+        prefer; still float32): its pixels differ from the default decode only by the convolutions' summation
+        order, at most ``CHANNELS_LAST_DECODE_ATOL`` = 2e-4 in absolute value (measured 6e-5 on the
+        ``var-vae-f16`` network at 256 px, 2e-6 on ``digits``, random weights; benchmarks/bench_sampling.py).
+        bf16 is not offered: it moved pixels by 6-9e-2 there, 8-11 levels of an 8-bit image (2/255 each).
+        """
         self._check_latent(f_hat_BChw)
+        if channels_last:  # the layout propagates from the input through conv / GroupNorm / upsampling
+            f_hat_BChw = f_hat_BChw.contiguous(memory_format=torch.channels_last)
         img = self.decoder(self.post_quant_conv(f_hat_BChw))
+        if channels_last:
+            img = img.contiguous()
         return img.clamp(-1.0, 1.0) if clamp else img
 
     def forward(self, img_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -240,6 +255,9 @@ class MultiScaleTokenizer(nn.Module):
 _PRESET_CONFIGS: dict[str, dict] = {
     # VAR's released vae_ch160v4096z32.pth: 108.9 M parameters, 256 px -> 16×16×32, 680 tokens.
     "var-vae-f16": {},
+    # The same network at 512 px (32×32 latent, VAR's d36 schedule, 2,240 tokens) and 1024 px (64×64, 10,240 tokens).
+    "var-vae-f16-512": dict(image_size=512, patch_nums=VAR_PATCH_NUMS_512),
+    "var-vae-f16-1024": dict(image_size=1024, patch_nums=VAR_PATCH_NUMS_1024),
     # CPU preset for 32 px digits: f4 -> 8×8 latent, 130 tokens; ~1 M parameters. 8 norm groups because
     # 32-group GroupNorm on 32 channels would normalise every channel on its own.
     "tiny": dict(
@@ -284,7 +302,7 @@ TOKENIZER_PRESETS: dict[str, Callable[..., MultiScaleTokenizer]] = {name: _const
 
 
 def build_tokenizer(preset: str, **overrides) -> MultiScaleTokenizer:
-    """Build a tokenizer by preset name (``var-vae-f16``, ``digits``, ``tiny``, ``tiny-16``) with field overrides."""
+    """Build a tokenizer by preset name (``var-vae-f16``, ``-512``, ``-1024``, ``digits``, ``tiny``, ``tiny-16``) with field overrides."""
     if preset not in TOKENIZER_PRESETS:
         raise KeyError(f"unknown tokenizer preset {preset!r}; available: {sorted(TOKENIZER_PRESETS)}")
     return TOKENIZER_PRESETS[preset](**overrides)
@@ -294,6 +312,7 @@ __all__ = [
     "VAR_PATCH_NUMS_256",
     "TokenizerConfig",
     "MultiScaleTokenizer",
+    "CHANNELS_LAST_DECODE_ATOL",
     "TOKENIZER_PRESETS",
     "tokenizer_config",
     "build_tokenizer",

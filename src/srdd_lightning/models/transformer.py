@@ -263,12 +263,32 @@ class KVCache:
 
     Keeps every previous scale (``causal``), only the previous one (``markov_prev``) or nothing
     (``markov``). Re-running a scale (resampling) replaces its entry and drops later ones.
+
+    Storage is preallocated on the first pass, per block, as K and V buffers (B, H, T, c) in the
+    dtype and device of that pass's keys: each scale writes its K/V into its slice, and a query
+    attends over a view of the buffer, so no scale is ever concatenated or copied again
+    (the concatenating cache copied all past scales at every block of every scale, O(K²)).
+    ``causal``: T = all tokens of the schedule, scale j at its offset in the sequence, keys of
+    scale si the prefix ``[:end(si)]``. ``markov_prev``: T = the two largest consecutive scales,
+    the current scale right-aligned at ``[T − n_si, T)`` and the previous one just before it; the
+    previous scale moves once, forward, when the next begins (n_si grows, so source and target never
+    overlap). Key order is the sequence order in both, so logits equal the teacher-forced pass.
     """
 
     def __init__(self, schedule: Schedule, attn: str) -> None:
         self.schedule = schedule
         self.attn = attn
-        self._kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # scale -> per block (k, v)
+        self._sizes = [p * p for p in schedule]
+        if attn == "causal":
+            self._length = sum(self._sizes)
+        elif attn == "markov_prev":
+            self._length = max(a + b for a, b in zip([0, *self._sizes], self._sizes))
+        else:
+            self._length = 0
+        self._k: list[torch.Tensor] = []  # per block, (B, H, T, c)
+        self._v: list[torch.Tensor] = []
+        self._offset: dict[int, int] = {}  # cached scale -> start of its slice in the buffers
+        self._si = -1  # the scale being run
 
     def key_scales(self, si: int) -> range:
         """Scales whose tokens a query at scale ``si`` attends to (including ``si``)."""
@@ -276,36 +296,69 @@ class KVCache:
 
     @property
     def cached_scales(self) -> list[int]:
-        return sorted(self._kv)
+        return sorted(self._offset)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the K/V buffers (0 before the first pass and for ``markov``)."""
+        return sum(t.numel() * t.element_size() for t in self._k + self._v)
+
+    def _home(self, j: int, si: int) -> int:
+        """Offset of scale j's slice while scale si (j ∈ key_scales(si)) runs."""
+        if self.attn == "causal":
+            return sum(self._sizes[:j])
+        return self._length - sum(self._sizes[j : si + 1])  # markov_prev: [prev | current] right-aligned
 
     def _begin(self, si: int) -> None:
         needed = [j for j in self.key_scales(si) if j != si]
-        missing = [j for j in needed if j not in self._kv]
+        missing = [j for j in needed if j not in self._offset]
         if missing:
             raise RuntimeError(
                 f"KVCache ({self.attn}) lacks scales {missing} needed by scale {si}: call forward_scale "
                 f"for the scales of {list(self.schedule)} in order, with the same cache"
             )
-        for j in list(self._kv):
-            if j not in needed:
-                del self._kv[j]
-        if self.attn != "markov":
-            self._kv[si] = []
+        self._offset = {j: off for j, off in self._offset.items() if j in needed}
+        self._si = si
+        if self.attn == "markov":
+            return
+        for j in needed:  # markov_prev: the previous scale moves in front of the current one
+            home, off, n = self._home(j, si), self._offset[j], self._sizes[j]
+            if home != off:
+                for buf in self._k + self._v:
+                    buf[:, :, home : home + n].copy_(buf[:, :, off : off + n])
+                self._offset[j] = home
+        self._offset[si] = self._home(si, si)
 
     def _attend(self, si: int, block: int) -> Attend:
-        past = [self._kv[j][block] for j in self.key_scales(si) if j != si]
+        if self.attn == "markov":
+            return _plain_attend
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-            if self.attn != "markov":  # contiguous copies, so the cache does not pin the whole qkv buffer
-                self._kv[si].append((k.contiguous(), v.contiguous()))
-            if past:
-                if past[0][0].shape[0] != k.shape[0]:
-                    raise ValueError(f"batch size changed within one KVCache: {past[0][0].shape[0]} -> {k.shape[0]}")
-                k = torch.cat([kp for kp, _ in past] + [k], dim=2)
-                v = torch.cat([vp for _, vp in past] + [v], dim=2)
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+            self._store(block, k, v, past=any(j != si for j in self._offset))
+            lo, hi = self._offset[self.key_scales(si)[0]], self._offset[si] + self._sizes[si]
+            return F.scaled_dot_product_attention(q, self._k[block][:, :, lo:hi], self._v[block][:, :, lo:hi], scale=scale)
 
         return attend
+
+    def _store(self, block: int, k: torch.Tensor, v: torch.Tensor, past: bool) -> None:
+        """Write scale ``self._si``'s K/V of ``block`` into its slice, allocating the buffers on first use."""
+        if k.requires_grad:
+            raise RuntimeError("KVCache writes K/V in place, for sampling: call forward_scale under torch.no_grad() "
+                               "(train with the teacher-forced forward)")
+        if block == 0 and self._k and (self._k[0].shape[0], self._k[0].dtype, self._k[0].device) != (k.shape[0], k.dtype, k.device):
+            if past:
+                if self._k[0].shape[0] != k.shape[0]:
+                    raise ValueError(f"batch size changed within one KVCache: {self._k[0].shape[0]} -> {k.shape[0]}")
+                raise ValueError(f"dtype/device changed within one KVCache: {self._k[0].dtype} on {self._k[0].device} "
+                                 f"-> {k.dtype} on {k.device}")
+            self._k, self._v = [], []  # a new batch starting at a scale that needs no past: start afresh
+        if len(self._k) == block:
+            B, H, _, c = k.shape
+            self._k.append(k.new_empty(B, H, self._length, c))
+            self._v.append(v.new_empty(B, H, self._length, c))
+        off = self._offset[self._si]
+        self._k[block][:, :, off : off + k.shape[2]].copy_(k)
+        self._v[block][:, :, off : off + v.shape[2]].copy_(v)
 
 
 def _key_scales(attn: str, si: int) -> range:

@@ -371,9 +371,11 @@ class Sampler:
     """Generates images from a generator and its tokenizer; used by callbacks, ``srdd sample``, evaluation
     and the resampling policy (one implementation of every sampling option)."""
 
-    def __init__(self, generator: VARTransformer, tokenizer: MultiScaleTokenizer) -> None:
+    def __init__(self, generator: VARTransformer, tokenizer: MultiScaleTokenizer, channels_last_decode: bool = False) -> None:
+        """``channels_last_decode``: decode in the NHWC layout (``MultiScaleTokenizer.decode``; pixels within 2e-4)."""
         check_compatible(generator, tokenizer)
         self.generator, self.tokenizer = generator, tokenizer
+        self.channels_last_decode = channels_last_decode
 
     @property
     def device(self) -> torch.device:
@@ -414,7 +416,7 @@ class Sampler:
         run = _Run(self, labels_B, sched, scale_settings(config, sched), as_seed_list(seeds, labels_B.shape[0]), edit, policy)
         with eval_mode(self.generator, self.tokenizer):
             f_hat, tokens = run()
-            images = self.tokenizer.decode(f_hat).float()
+            images = self.tokenizer.decode(f_hat, channels_last=self.channels_last_decode).float()
         return SampleOutput(images=images, tokens=tokens, cost=run.cost, schedule=sched,
                             tokens_per_sample=run.tokens_B.cpu())
 
@@ -439,7 +441,9 @@ class _Run:
         self.cache = self.gen.new_cache(sched) if self.attn != "markov" else None
         self.cost = SamplingCost(per_scale_passes=[0] * self.K)
         self.tokens_B = torch.zeros(self.B, device=self.device)  # per-sample query tokens (the policy's cost)
-        self.inputs: list[torch.Tensor | None] = [None] * self.K  # x_k (B, C, pn, pn) actually used at each scale
+        # x_k (B, C, pn, pn) actually used at each scale; markov keeps only the current one
+        self.inputs: list[torch.Tensor | None] = [None] * self.K
+        self.stats: ScaleStats | None = None
 
     # ---- one transformer pass, with its cost ---------------------------------------------------
 
@@ -546,7 +550,7 @@ class _Run:
         for j in range(k):
             sel_hw = sel_B.view(B, 1, 1)
             tokens[j] = torch.where(sel_hw, coarse.tokens[j], tokens[j])
-            if j + 1 < k:
+            if j + 1 < k and self.cache is not None:  # markov keeps no inputs of earlier scales (no replay)
                 x = self.tok.next_input(coarse.f_hats[j], j, self.sched)
                 self.inputs[j + 1] = torch.where(pick, x, self.inputs[j + 1])
         f_prev = torch.where(pick, coarse.f_hat, f_prev)
@@ -586,10 +590,16 @@ class _Run:
                     probs_BlV = self.probs(logits_BlV, st, refine=True)
                 r_Bl, f_hat = self.refine(k, st, dec, drawn_Bl, probs_BlV, f_hat, tokens)
                 r_Bhw = r_Bl.view(B, pn, pn)
+                # free this scale's (B, pn², V) tensors before the next, larger scale's pass: peak memory is then
+                # one scale's, not two (the policy's statistics hold p_k too)
+                del logits_BlV, probs_BlV, drawn_Bl, dec, r_Bl
+                self.stats = None
             f_hat, x_next = tok.next_state(k, f_hat, r_Bhw, sched)
             tokens.append(r_Bhw)
             if k + 1 < self.K:
                 self.inputs[k + 1] = x_next
+            if self.cache is None:  # markov: only the cache replay reads the inputs of earlier scales
+                self.inputs[k] = None
         return f_hat, tokens
 
 
