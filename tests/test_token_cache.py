@@ -237,7 +237,7 @@ def test_generator_refuses_another_tokenizers_cache(tmp_path, caches, other_tok,
 def test_generator_refuses_a_cache_on_another_schedule(caches, tok_run):
     dm = ShardDataModule(str(caches["plain"]), batch_size=8)
     with pytest.raises(ValueError, match=r"patch_nums \[1, 2, 3, 4\].*\[1, 2, 4\] \(model.init_args.schedule\).*"
-                                         r"--patch_nums 1 2 4"):
+                                         r"--patch_nums \[1,2,4\]`"):
         module(tok_run, schedule=[1, 2, 4]).check_token_cache(dm)
 
 

@@ -327,7 +327,7 @@ TOOLS: dict[str, tuple[str, str]] = {}
 
 
 def _data_tool(argv: Sequence[str]) -> None:
-    """``srdd data digits|folder|tokenize``: a user's mistake (option, folder, existing pack) is one line and exit code 2."""
+    """``srdd data digits|folder|tokenize``: a user's mistake (option, folder, existing pack) is one line, exit code 2."""
     from argparse import ArgumentError
 
     from .data.pack import PackError

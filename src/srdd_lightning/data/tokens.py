@@ -1,4 +1,4 @@
-"""``srdd data tokenize``: encode a packed shard set once with a frozen tokenizer, so the generator's step skips the encoder.
+"""``srdd data tokenize``: encode packed shards once with a frozen tokenizer, so the generator's step skips the encoder.
 
 Each sample of a token cache is ``<key>.idx``, the tokenizer's indices of every scale of the schedule flattened
 coarse-to-fine (``models.scales.flatten_tokens``) as little-endian uint16 bytes, and ``<key>.cls``, the label. With

@@ -1,9 +1,9 @@
 """Stage 2: the generator over a frozen tokenizer — VAR (``attn="causal"``) or SRDD's Markov form (``attn="markov"``).
 
 Training is VAR's recipe (DESIGN §2.2, notes/var-reference.md §1.5): ground-truth tokens are computed on the
-fly from the frozen tokenizer (or read from a token cache, ``srdd data tokenize``, whose tokenizer fingerprint and
-schedule must be this module's: checked at setup), the transformer predicts every scale in one teacher-forced pass, and the loss
-is the per-token cross-entropy with each token weighted 1/L:
+fly from the frozen tokenizer (or read from a token cache, ``srdd data tokenize``, whose tokenizer fingerprint
+and schedule must be this module's: checked at setup), the transformer predicts every scale in one
+teacher-forced pass, and the loss is the per-token cross-entropy with each token weighted 1/L:
 
     loss = mean_b  sum_l (1/L) · CE(logits_bl, r_bl)          (the Markov chain's ELBO, DESIGN §2.2)
 
@@ -312,7 +312,7 @@ class SRDDModule(pl.LightningModule):
 
     @torch.no_grad()
     def inputs_from_tokens(self, idx_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached ground-truth tokens (B, L) on the generator's schedule -> (gt_BL int64, x_BLC), as tokens_and_inputs."""
+        """Cached tokens idx_BL on the generator's schedule -> (gt_BL int64, x_BLC fp32), as ``tokens_and_inputs``."""
         gt_BL = idx_BL.long()
         with torch.autocast(device_type=gt_BL.device.type, enabled=False):
             x_BLC = self.tokenizer.teacher_forcing_inputs(split_tokens(gt_BL, self.patch_nums), self.patch_nums)
@@ -340,7 +340,7 @@ class SRDDModule(pl.LightningModule):
                 f"the token cache {root} (data.root) holds tokens on patch_nums {cache['patch_nums']}, but the generator "
                 f"trains on {list(self.patch_nums)} (model.init_args.schedule): tokens of one schedule are not those "
                 f"of another (each scale quantizes what the previous ones left); write a cache with `srdd data "
-                f"tokenize --patch_nums {' '.join(map(str, self.patch_nums))}`, or train from the images"
+                f"tokenize --patch_nums [{','.join(map(str, self.patch_nums))}]`, or train from the images"
             )
 
     # ---- strategies ----------------------------------------------------------------------------
