@@ -318,3 +318,24 @@ def test_tokenize_cli_prints_the_summary_and_explains_its_options(tmp_path, mini
     for option in ("--data", "--tokenizer", "--out", "--flip", "--patch_nums", "--batch_size", "--device", "--ema"):
         assert option in text
     assert "horizontally flipped" in text and "never overwritten" in text
+
+
+@pytest.mark.gpu
+def test_cuda_tokenize_pinned_uint16_batches_and_a_fit(tmp_path, mini_root, caches, tok_run):
+    """On CUDA: the cache encoded there equals the CPU's, batches arrive pinned as uint16 and widen on the device."""
+    import lightning.pytorch as pl
+
+    cache = tokenize(mini_root, tok_run, tmp_path / "c", flip=True, device="cuda", batch_size=128)
+    for a, b in zip(cache.shard_paths("train"), ShardIndex.load(caches["flip"], tokens=True).shard_paths("train")):
+        assert [d for _, d, _ in read_samples(a, ("idx", "idx_flip"))] == [d for _, d, _ in read_samples(b, ("idx", "idx_flip"))]
+    m = module(tok_run, optim={"warmup_steps": 1})
+    trainer = pl.Trainer(accelerator="cuda", devices=1, max_steps=3, val_check_interval=2, check_val_every_n_epoch=None,
+                         limit_val_batches=2, logger=False, default_root_dir=tmp_path, enable_progress_bar=False)  # fmt: skip
+    dm = ShardDataModule(str(tmp_path / "c"), batch_size=16, flip=True)
+    trainer.fit(m, datamodule=dm)
+    assert trainer.global_step == 3
+    loader = dm.train_dataloader()
+    assert loader.pin_memory
+    idx, _ = next(iter(loader))
+    assert idx.dtype == torch.uint16 and idx.is_pinned()
+    assert dm.on_after_batch_transfer((idx.cuda(), _), 0)[0].dtype == torch.int64
