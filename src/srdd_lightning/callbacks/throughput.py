@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 
 
 def images_in_batch(batch: Any) -> int:
-    """Batches are ``(images_B3HW, labels_B)`` or, from a token cache, ``(idx_BL, labels_B)``; B samples either way."""
+    """Batches are ``(images_B3HW, labels_B)``; a batch of B images counts B samples."""
     return int(batch[0].shape[0])
 
 
