@@ -179,6 +179,9 @@ def test_flip_needs_a_flipped_cache_and_resolution_is_fixed(caches):
     with pytest.raises(ValueError, match=r"data.resolution=12.*token cache"):
         ShardDataModule(str(caches["flip"]), resolution=12)
     ShardDataModule(str(caches["flip"]), flip=False)  # a flipped cache also trains without flips
+    index = ShardIndex.load(caches["plain"], tokens=True)
+    with pytest.raises(ValueError, match="--flip true"):
+        TrainStream(index.shard_paths("train"), 16, seed=0, flip=True, codec=TokenCodec(30))
 
 
 def test_image_readers_refuse_a_token_cache(caches):

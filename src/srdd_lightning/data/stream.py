@@ -192,6 +192,9 @@ class TrainStream(IterableDataset):
         self.shards = [Path(s) for s in shards]
         self.resolution = resolution
         self.codec = codec or ImageCodec(resolution)
+        if flip and isinstance(self.codec, TokenCodec) and not self.codec.flipped:
+            # otherwise every flipped draw would be skipped as undecodable, silently halving the data
+            raise ValueError("flip=True needs a token cache written with `srdd data tokenize --flip true`")
         self.seed = seed
         self.rank = rank
         self.flip = flip
