@@ -77,8 +77,8 @@ def tokenize(
         out: New (or empty) folder for the token shards and index.json; never overwritten.
         flip: Also store the tokens of every horizontally flipped training image (in the same sample), so that
             ``data.flip: true`` can train on the cache; validation is never flipped. Doubles the encoding time.
-        patch_nums: Scales to quantize on (default: the tokenizer's whole schedule). A student's
-            ``model.init_args.schedule`` (a subset ending at the last scale) needs a cache written on it.
+        patch_nums: Scales to quantize on (default: the tokenizer's whole schedule). A fewer-scale SRDDModule
+            (``model.init_args.schedule``: a subset ending at the last scale) needs a cache written on its schedule.
         batch_size: Images per encoder call.
         device: Where the tokenizer runs: cpu, cuda, cuda:1, ...
         ema: Use the tokenizer's EMA weights, as the generator does (``model.init_args.tokenizer_ema``).

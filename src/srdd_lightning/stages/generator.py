@@ -329,11 +329,14 @@ class SRDDModule(pl.LightningModule):
                              f"data.root the packed images it was written from ({datamodule.image_root})")  # fmt: skip
         ours = self.tokenizer_info
         if cache["fingerprint"] != ours["fingerprint"]:
+            ema = "" if cache.get("ema") in (None, ours.get("ema")) else (
+                f" (the cache used {'the EMA' if cache['ema'] else 'the trained'} weights: match "
+                f"model.init_args.tokenizer_ema and srdd data tokenize --ema)")  # fmt: skip
             raise ValueError(
                 f"the token cache {root} (data.root) was written by the tokenizer {cache['tokenizer']} (weights "
                 f"{cache['fingerprint']}), but model.init_args.tokenizer_ckpt gives {ours['path']} (weights "
-                f"{ours['fingerprint']}): its codes mean other things; re-tokenize with `srdd data tokenize --tokenizer "
-                f"{ours['path']}` or point data.root at the images"
+                f"{ours['fingerprint']}){ema}: its codes mean other things; re-tokenize with `srdd data tokenize "
+                f"--tokenizer {ours['path']}` or point data.root at the images"
             )
         if tuple(cache["patch_nums"]) != self.patch_nums:
             raise ValueError(
