@@ -3,6 +3,7 @@
     srdd fit --config experiments/digits/srdd.yaml     # fit / validate / test (LightningCLI)
     srdd data digits --out data/digits                  # pack the built-in dataset into shards
     srdd data folder --src ~/images --out data/mine     # pack an image folder
+    srdd data tokenize --data data/digits --tokenizer runs/digits/tokenizer --out data/digits-tokens
 
 Runs live under ``runs/<name>/version_<k>/`` (config, TensorBoard events, ``checkpoints/``); the
 name defaults to the config's path below ``experiments/`` (``experiments/digits/srdd.yaml`` ->
@@ -271,7 +272,11 @@ class SRDDCLI(LightningCLI):
 
         model_cls = import_object(cfg.model.class_path)
         params = inspect.signature(model_cls.__init__).parameters
-        index = ShardIndex.load(cfg.data.root)
+        index = ShardIndex.load(cfg.data.root, tokens=None)
+        if index.tokens is not None and not getattr(model_cls, "trains_from_tokens", False):
+            raise ValueError(f"data.root {cfg.data.root} is a token cache (srdd data tokenize), but "
+                             f"{model_cls.__name__} trains on images: give data.root the packed images it was "
+                             f"written from ({index.source})")  # fmt: skip
         derived = {"num_classes": index.num_classes, "image_size": cfg.data.resolution or index.resolution}
         init_args = cfg.model.get("init_args") or Namespace()
         for key, value in derived.items():
@@ -322,22 +327,25 @@ TOOLS: dict[str, tuple[str, str]] = {}
 
 
 def _data_tool(argv: Sequence[str]) -> None:
-    """``srdd data digits|folder``: a user's mistake (option, folder, existing pack) is one line and exit code 2."""
+    """``srdd data digits|folder|tokenize``: a user's mistake (option, folder, existing pack) is one line, exit code 2."""
     from argparse import ArgumentError
 
     from .data.pack import PackError
+    from .data.tokens import tokenize
 
     prog = "srdd data"
+    tools = {"digits": pack_digits, "folder": pack_image_folder, "tokenize": tokenize}
     try:
-        index = ToolCLI({"digits": pack_digits, "folder": pack_image_folder}, args=list(argv), prog=prog,
-                        description="Pack images into train/val webdataset shards with a JSON index.",
+        index = ToolCLI(tools, args=list(argv), prog=prog,
+                        description="Pack images into train/val webdataset shards with a JSON index; tokenize "
+                                    "packed images once with a frozen tokenizer (a token cache for the generator).",
                         as_positional=False, exit_on_error=False)  # --src/--out, as the README writes them
     except ArgumentError as e:
         # jsonargparse names options by their key ("folder.out"); the user typed --out.
-        message = re.sub(r"\b(?:digits|folder)\.(\w+)", r"--\1", " ".join(str(e).split()))
+        message = re.sub(r"\b(?:digits|folder|tokenize)\.(\w+)", r"--\1", " ".join(str(e).split()))
         message = re.sub(r'Parser key "(\w+)": Expected a <class \'(\w+)\'>\. Got value:', r"--\1: expected \2, got",
                          message)
-        sub = next((a for a in argv if a in ("digits", "folder")), None)
+        sub = next((a for a in argv if a in tools), None)
         print(f"{prog}: error: {message}\n(`{prog}{' ' + sub if sub else ''} --help` lists the options)",
               file=sys.stderr)
         raise SystemExit(2) from None
@@ -348,7 +356,8 @@ def _data_tool(argv: Sequence[str]) -> None:
         print(index.summary())
 
 
-TOOLS["data"] = ("pack the built-in digits or an image folder into shards", "srdd_lightning.cli:_data_tool")
+TOOLS["data"] = ("pack the built-in digits or an image folder into shards; tokenize them (a token cache)",
+                 "srdd_lightning.cli:_data_tool")
 TOOLS["sample"] = ("sample a trained generator into PNGs, grid.png and samples.npz (also editing)",
                    "srdd_lightning.sampling.sample_cli:main")
 TOOLS["evaluate"] = ("score samples (folder or npz): FID, IS, precision/recall, class accuracy",

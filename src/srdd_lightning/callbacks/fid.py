@@ -64,7 +64,8 @@ class FIDCallback(pl.Callback):
             ``inception_weights`` or the env var SRDD_INCEPTION_WEIGHTS).
         classifier: Digits classifier checkpoint (``srdd classifier``).
         inception_weights: torch-fidelity's Inception weights file.
-        data_root: Packed dataset whose train split is the reference (default: the datamodule's ``root``).
+        data_root: Packed dataset whose train split is the reference (default: the datamodule's ``root``, or for a
+            token cache the packed images it was written from).
         cache_dir: Folder of cached reference statistics (shared with ``srdd evaluate``).
         num_reference: Reference images (default: the whole train split).
         batch_size: Samples per sampler / extractor call on each rank.
@@ -121,7 +122,8 @@ class FIDCallback(pl.Callback):
         if self.data_root is not None:
             return self.data_root
         dm = getattr(trainer, "datamodule", None)
-        root = getattr(dm, "root", None)
+        # a token cache holds no images: the reference is the packed image folder it was written from
+        root = getattr(dm, "image_root", None) or getattr(dm, "root", None)
         if root is None:
             raise ValueError("FIDCallback needs data_root (the packed dataset of the reference), or a datamodule with .root")
         return os.fspath(root)

@@ -1,25 +1,33 @@
-"""``ShardDataModule``: packed shards -> a resumable endless training stream and a finite validation pass."""
+"""``ShardDataModule``: packed shards -> a resumable endless training stream and a finite validation pass.
+
+The same module reads a token cache (``srdd data tokenize``): then batches are ``(idx_BL, label_B)``, the
+tokenizer's indices of every scale flattened coarse-to-fine, sent by the workers as uint16 (a quarter of the
+bytes of int64) and widened to int64 on the device.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader
 
 from .index import ShardIndex
-from .stream import TrainLoader, TrainStream, ValShards, batches_per_epoch
+from .stream import Codec, ImageCodec, TokenCodec, TrainLoader, TrainStream, ValShards, batches_per_epoch
 
 
 class ShardDataModule(pl.LightningDataModule):
-    """Images and labels from shards written by ``srdd data``; the config states the *global* batch.
+    """Images (or cached tokens) and labels from shards written by ``srdd data``; the config states the *global* batch.
 
     Args:
-        root: Folder holding ``index.json`` and the ``*.tar`` shards.
+        root: Folder holding ``index.json`` and the ``*.tar`` shards: packed images (``srdd data digits|folder``)
+            or a token cache (``srdd data tokenize``; batches are then token indices, not images).
         batch_size: Global training batch, summed over all ranks; each rank takes ``batch_size / world_size``.
         val_batch_size: Global validation batch (defaults to ``batch_size``).
-        resolution: Image size fed to the model; defaults to the packed resolution (resize + center crop otherwise).
-        flip: Random horizontal flips for training.
+        resolution: Image size fed to the model; defaults to the packed resolution (resize + center crop otherwise;
+            a token cache has its resolution fixed).
+        flip: Random horizontal flips for training (a token cache must be written with ``--flip true``).
         num_workers: Loader processes per rank.
         seed: Seeds the training stream (shard draws, shuffle, flips); linked to ``seed_everything`` by the CLI.
         epoch_length: Training batches per epoch per rank; default: one pass over the train split at the global batch.
@@ -40,7 +48,7 @@ class ShardDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         self.root = Path(root)
-        self.index = ShardIndex.load(self.root)
+        self.index = ShardIndex.load(self.root, tokens=None)
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -56,6 +64,14 @@ class ShardDataModule(pl.LightningDataModule):
         self.epoch_length = epoch_length
         self.shuffle_buffer = shuffle_buffer
         self.rank, self.world_size = 0, 1
+        if self.token_info is not None:
+            if resolution not in (None, self.index.resolution):
+                raise ValueError(f"data.resolution={resolution}: {self.root} is a token cache of "
+                                 f"{self.index.resolution} px images and cannot be resized; leave data.resolution "
+                                 f"unset or re-tokenize images packed at {resolution} px")  # fmt: skip
+            if flip and not self.token_info["flip"]:
+                raise ValueError(f"data.flip is true, but the token cache {self.root} holds no flipped tokens; "
+                                 f"write it with `srdd data tokenize --flip true` or set data.flip false")  # fmt: skip
 
     # ---- what downstream stages read from the data
     @property
@@ -66,6 +82,28 @@ class ShardDataModule(pl.LightningDataModule):
     @property
     def image_size(self) -> int:
         return self.resolution
+
+    @property
+    def token_info(self) -> dict | None:
+        """A token cache's ``tokens`` entry (fingerprint, tokenizer, patch_nums, vocab_size, flip); None for images."""
+        return self.index.tokens
+
+    @property
+    def image_root(self) -> Path:
+        """The packed images behind the data: ``root`` itself, or the folder a token cache was written from."""
+        return self.root if self.token_info is None else Path(self.index.source)
+
+    def codec(self, split: str) -> Codec:
+        """How a sample's bytes become a tensor: images, or tokens (flipped ones only for training with data.flip)."""
+        if self.token_info is None:
+            return ImageCodec(self.resolution)
+        return TokenCodec(self.token_info["num_tokens"], flipped=split == "train" and self.flip)
+
+    def _pin_memory(self) -> bool:
+        # Page-locked host batches make the copy to a GPU asynchronous; on a CPU run they only cost memory.
+        if not torch.cuda.is_available():
+            return False
+        return self.trainer is None or self.trainer.strategy.root_device.type == "cuda"
 
     # ---- setup
     def _per_rank(self, global_batch: int, option: str) -> int:
@@ -98,20 +136,28 @@ class ShardDataModule(pl.LightningDataModule):
                 )
 
     def train_stream(self) -> TrainStream:
-        return TrainStream(
-            self.index.shard_paths("train"), self.resolution, self.seed, self.rank, self.flip, self.shuffle_buffer
-        )
+        return TrainStream(self.index.shard_paths("train"), self.resolution, self.seed, self.rank, self.flip,
+                           self.shuffle_buffer, codec=self.codec("train"))  # fmt: skip
 
     def train_dataloader(self) -> TrainLoader:
         steps = self.epoch_length or batches_per_epoch(self.index.split("train").total, self.batch_size)
-        return TrainLoader(self.train_stream(), self.per_rank_batch, steps, self.num_workers)
+        return TrainLoader(self.train_stream(), self.per_rank_batch, steps, self.num_workers,
+                           pin_memory=self._pin_memory())  # fmt: skip
 
     def val_dataset(self) -> ValShards:
         counts = [sh.count for sh in self.index.split("val").shards]
-        return ValShards(self.index.shard_paths("val"), self.resolution, self.rank, self.world_size, counts)
+        return ValShards(self.index.shard_paths("val"), self.resolution, self.rank, self.world_size, counts,
+                         codec=self.codec("val"))  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset(), batch_size=self.per_rank_val_batch, num_workers=self.num_workers)
+        return DataLoader(self.val_dataset(), batch_size=self.per_rank_val_batch, num_workers=self.num_workers,
+                          pin_memory=self._pin_memory())  # fmt: skip
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Token indices arrive as uint16 (small to copy) and become int64 on the device, as embeddings need."""
+        if self.token_info is not None and isinstance(batch, (list, tuple)) and not batch[0].is_floating_point():
+            batch = type(batch)([batch[0].long(), *batch[1:]])
+        return batch
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -1,4 +1,8 @@
-"""The JSON index written beside a dataset's shards: per-shard counts, classes, resolution."""
+"""The JSON index written beside a dataset's shards: per-shard counts, classes, resolution.
+
+Two formats share it: packed images (``srdd-shards-v1``, written by ``srdd data digits|folder``) and token
+caches (``srdd-tokens-v1``, written by ``srdd data tokenize``), whose ``tokens`` entry names the tokenizer.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from ..utils.io import atomic_write_text
 
 INDEX_NAME = "index.json"
 FORMAT = "srdd-shards-v1"
+TOKENS_FORMAT = "srdd-tokens-v1"
 
 
 @dataclass
@@ -42,6 +47,8 @@ class ShardIndex:
     source: str = ""
     extra: dict = field(default_factory=dict)
     root: Path | None = None
+    tokens: dict | None = None
+    """A token cache's tokenizer (fingerprint, path, patch_nums, vocab_size, flip, ...); None for packed images."""
 
     @property
     def num_classes(self) -> int:
@@ -64,6 +71,12 @@ class ShardIndex:
     def summary(self) -> str:
         """One line per split, for the end of ``srdd data``."""
         lines = [f"dataset {self.name!r} at {self.root}: {self.resolution} px, {self.num_classes} class(es)"]
+        if self.tokens is not None:
+            t = self.tokens
+            lines[0] = (f"token cache of {self.source} at {self.root}: {self.resolution} px, {self.num_classes} "
+                        f"class(es), {t['num_tokens']} tokens per image on patch_nums {t['patch_nums']} of the "
+                        f"tokenizer {t['tokenizer']} (weights {t['fingerprint']})"
+                        + (", train also flipped" if t["flip"] else ""))  # fmt: skip
         for k, v in self.splits.items():
             lines.append(f"  {k}: {v.total} samples in {len(v.shards)} shard(s)")
         if self.extra.get("skipped_files"):
@@ -77,8 +90,8 @@ class ShardIndex:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {
-            "format": FORMAT,
+        out = {
+            "format": FORMAT if self.tokens is None else TOKENS_FORMAT,
             "name": self.name,
             "resolution": self.resolution,
             "num_classes": self.num_classes,
@@ -89,14 +102,20 @@ class ShardIndex:
             },
             "extra": self.extra,
         }
+        if self.tokens is not None:
+            out["tokens"] = self.tokens
+        return out
 
     def save(self, root: str | Path) -> Path:
         """Write ``index.json`` atomically (its presence marks a complete pack)."""
         return atomic_write_text(Path(root) / INDEX_NAME, json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, root: str | Path) -> "ShardIndex":
-        """Read ``<root>/index.json``; every problem is reported with the path and how to fix it."""
+    def load(cls, root: str | Path, tokens: bool | None = False) -> "ShardIndex":
+        """Read ``<root>/index.json``; every problem is reported with the path and how to fix it.
+
+        ``tokens``: False accepts packed images only, True a token cache only, None either.
+        """
         root = Path(root)
         path = root / INDEX_NAME
         if not root.exists():
@@ -110,6 +129,13 @@ class ShardIndex:
                 f"pack it with `srdd data digits` or `srdd data folder`"
             )
         raw = read_raw(path)
+        is_cache = raw["format"] == TOKENS_FORMAT
+        if tokens is False and is_cache:
+            raise ValueError(f"{root} is a token cache (written by `srdd data tokenize` from {raw.get('source')}), "
+                             f"not packed images; give the packed image folder instead")  # fmt: skip
+        if tokens is True and not is_cache:
+            raise ValueError(f"{root} holds packed images, not a token cache; write one with "
+                             f"`srdd data tokenize --data {root} --tokenizer RUN --out FOLDER`")  # fmt: skip
         try:
             splits = {k: SplitInfo(_shards(v["shards"])) for k, v in raw["splits"].items()}
             index = cls(
@@ -120,6 +146,7 @@ class ShardIndex:
                 source=str(raw.get("source", "")),
                 extra=dict(raw.get("extra", {})),
                 root=root,
+                tokens=_token_entry(raw["tokens"]) if is_cache else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             what = f"lacks the entry {e.args[0]!r}" if isinstance(e, KeyError) else f"is malformed ({e})"
@@ -148,10 +175,29 @@ def read_raw(path: Path) -> dict:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); re-pack the dataset") from e
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") not in (FORMAT, TOKENS_FORMAT):
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-        raise ValueError(f"{path} has format {found!r}, expected {FORMAT!r}; re-pack the dataset")
+        raise ValueError(f"{path} has format {found!r}, expected {FORMAT!r} (or {TOKENS_FORMAT!r}, a token "
+                         f"cache); re-pack the dataset")  # fmt: skip
     return raw
+
+
+TOKEN_KEYS = ("fingerprint", "tokenizer", "patch_nums", "vocab_size", "num_tokens", "flip")
+
+
+def _token_entry(entry) -> dict:
+    """The ``tokens`` entry of a token cache, with the keys readers rely on."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"its tokens entry is {type(entry).__name__}, not an object")
+    missing = [k for k in TOKEN_KEYS if k not in entry]
+    if missing:
+        raise KeyError(f"tokens.{missing[0]}")
+    out = dict(entry)
+    out["patch_nums"] = [int(p) for p in entry["patch_nums"]]
+    out["num_tokens"], out["flip"] = int(entry["num_tokens"]), bool(entry["flip"])
+    if out["num_tokens"] != sum(p * p for p in out["patch_nums"]):
+        raise ValueError(f"tokens.num_tokens {out['num_tokens']} is not the sum of pn^2 over {out['patch_nums']}")
+    return out
 
 
 def listed_files(root: str | Path) -> list[str]:

@@ -6,6 +6,10 @@ random choices happen before decoding, so a resumed run can fast-forward by read
 and continue exactly the same stream.
 
 Validation: shards are dealt to ranks, then to workers, in a fixed order; each sample is seen once.
+
+What a sample holds and how its bytes become a tensor is a codec: :class:`ImageCodec` (``png`` -> float image)
+or :class:`TokenCodec` (a token cache's ``idx`` / ``idx_flip`` -> uint16 token indices); the stream, its
+randomness and its resume are the same for both.
 """
 
 from __future__ import annotations
@@ -38,14 +42,21 @@ class CorruptSampleWarning(UserWarning):
 
 @dataclass
 class RawSample:
-    png: bytes
+    data: tuple[bytes, ...]  # the codec's fields, undecoded
     label: int
     flip: bool
     key: str
 
 
 def read_shard(path: str | Path, counter: dict | None = None) -> Iterator[tuple[str, bytes, int]]:
-    """Yield ``(key, png bytes, label)`` from one shard, skipping broken samples.
+    """Yield ``(key, png bytes, label)`` from one shard of packed images, skipping broken samples."""
+    for key, (png,), label in read_samples(path, ("png",), counter):
+        yield key, png, label
+
+
+def read_samples(path: str | Path, fields: tuple[str, ...], counter: dict | None = None
+                 ) -> Iterator[tuple[str, tuple[bytes, ...], int]]:  # fmt: skip
+    """Yield ``(key, bytes of each of fields, label)`` from one shard, skipping broken samples.
 
     A truncated or corrupt tar stops the shard early with a warning; a shard that yields nothing
     at all raises :class:`ShardReadError` naming its path.
@@ -60,9 +71,9 @@ def read_shard(path: str | Path, counter: dict | None = None) -> Iterator[tuple[
     with open(path, "rb") as stream:  # our own handle, closed even when the consumer stops early
         files = wds.tariterators.tar_file_expander([{"url": str(path), "stream": stream}], handler=handler)
         for sample in wds.tariterators.group_by_keys(files, handler=handler):
-            png, cls = sample.get("png"), sample.get("cls")
-            if png is None or cls is None:
-                _skip(counter, path, f"sample {sample.get('__key__')} lacks png/cls")
+            data, cls = tuple(sample.get(f) for f in fields), sample.get("cls")
+            if any(d is None for d in data) or cls is None:
+                _skip(counter, path, f"sample {sample.get('__key__')} lacks {'/'.join(fields)}/cls")
                 continue
             try:
                 label = int(cls.decode() if isinstance(cls, bytes) else cls)
@@ -70,7 +81,7 @@ def read_shard(path: str | Path, counter: dict | None = None) -> Iterator[tuple[
                 _skip(counter, path, f"sample {sample.get('__key__')} has a bad label {cls!r}")
                 continue
             n += 1
-            yield sample["__key__"], png, label
+            yield sample["__key__"], data, label
     for e in errors:
         _skip(counter, path, f"read error: {e.args[0] if e.args else e}")
     if n == 0:
@@ -107,11 +118,53 @@ def decode_image(png: bytes, resolution: int, flip: bool) -> torch.Tensor:
     return img
 
 
-def _decode_or_skip(png: bytes, resolution: int, flip: bool, counter: dict, where: str) -> torch.Tensor | None:
+def decode_tokens(raw: bytes, num_tokens: int) -> torch.Tensor:
+    """Little-endian uint16 bytes -> ``(L,)`` uint16 token indices (widened to int64 on the device, not here)."""
+    if len(raw) != 2 * num_tokens:
+        raise ValueError(f"{len(raw)} bytes, expected {num_tokens} uint16 tokens ({2 * num_tokens} bytes)")
+    return torch.from_numpy(np.frombuffer(raw, dtype="<u2").astype(np.uint16))  # a writable native-order copy
+
+
+@dataclass(frozen=True)
+class ImageCodec:
+    """Packed images: ``png`` -> ``(3, R, R)`` float in [-1, 1], flipped horizontally when asked."""
+
+    resolution: int
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return ("png",)
+
+    def decode(self, data: tuple[bytes, ...], flip: bool) -> torch.Tensor:
+        return decode_image(data[0], self.resolution, flip)
+
+
+@dataclass(frozen=True)
+class TokenCodec:
+    """A token cache: ``idx`` (or, flipped, ``idx_flip``, the tokens of the mirrored image) -> ``(L,)`` uint16."""
+
+    num_tokens: int
+    flipped: bool = False  # read idx_flip too (train shards of a cache written with --flip true)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return ("idx", "idx_flip") if self.flipped else ("idx",)
+
+    def decode(self, data: tuple[bytes, ...], flip: bool) -> torch.Tensor:
+        if flip and not self.flipped:
+            raise ValueError("a flipped sample from a token cache without flipped tokens")
+        return decode_tokens(data[1] if flip else data[0], self.num_tokens)
+
+
+Codec = ImageCodec | TokenCodec
+
+
+def _decode_or_skip(codec: Codec, data: tuple[bytes, ...], flip: bool, counter: dict, where: str
+                    ) -> torch.Tensor | None:  # fmt: skip
     try:
-        return decode_image(png, resolution, flip)
-    except Exception as e:  # a corrupt PNG inside an intact tar: skip the sample, keep training
-        _skip(counter, where, f"undecodable image: {e}")
+        return codec.decode(data, flip)
+    except Exception as e:  # a corrupt PNG (or token record) inside an intact tar: skip the sample, keep training
+        _skip(counter, where, f"undecodable {'image' if isinstance(codec, ImageCodec) else 'tokens'}: {e}")
         return None
 
 
@@ -121,7 +174,8 @@ def _worker() -> tuple[int, int]:
 
 
 class TrainStream(IterableDataset):
-    """Endless resampled stream of ``(image, label)`` for one rank; batches are formed by the loader."""
+    """Endless resampled stream of ``(image, label)`` (or ``(idx_L, label)`` with a :class:`TokenCodec`) for one
+    rank; batches are formed by the loader."""
 
     def __init__(
         self,
@@ -131,11 +185,16 @@ class TrainStream(IterableDataset):
         rank: int = 0,
         flip: bool = False,
         shuffle_buffer: int = 1000,
+        codec: Codec | None = None,
     ):
         if not shards:
             raise ValueError("the training split has no shards")
         self.shards = [Path(s) for s in shards]
         self.resolution = resolution
+        self.codec = codec or ImageCodec(resolution)
+        if flip and isinstance(self.codec, TokenCodec) and not self.codec.flipped:
+            # otherwise every flipped draw would be skipped as undecodable, silently halving the data
+            raise ValueError("flip=True needs a token cache written with `srdd data tokenize --flip true`")
         self.seed = seed
         self.rank = rank
         self.flip = flip
@@ -149,8 +208,8 @@ class TrainStream(IterableDataset):
         buffer: list[RawSample] = []
         while True:
             shard = self.shards[int(rng.integers(len(self.shards)))]
-            for key, png, label in read_shard(shard, self.counter):
-                buffer.append(RawSample(png, label, bool(self.flip and rng.random() < 0.5), key))
+            for key, data, label in read_samples(shard, self.codec.fields, self.counter):
+                buffer.append(RawSample(data, label, bool(self.flip and rng.random() < 0.5), key))
                 if len(buffer) >= self.shuffle_buffer:
                     j = int(rng.integers(len(buffer)))
                     buffer[j], buffer[-1] = buffer[-1], buffer[j]
@@ -162,9 +221,9 @@ class TrainStream(IterableDataset):
         for _ in range(skip_samples):
             next(stream)
         for s in stream:
-            img = _decode_or_skip(s.png, self.resolution, s.flip, self.counter, s.key)
-            if img is not None:
-                yield img, s.label
+            x = _decode_or_skip(self.codec, s.data, s.flip, self.counter, s.key)
+            if x is not None:
+                yield x, s.label
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         return self.iterate()
@@ -240,9 +299,10 @@ class ValShards(IterableDataset):
     """
 
     def __init__(self, shards: list[Path], resolution: int, rank: int = 0, world_size: int = 1,
-                 counts: list[int] | None = None):
+                 counts: list[int] | None = None, codec: Codec | None = None):
         self.shards = [Path(s) for s in shards]
         self.resolution = resolution
+        self.codec = codec or ImageCodec(resolution)
         self.rank = rank
         self.world_size = world_size
         self.counts = counts
@@ -256,8 +316,8 @@ class ValShards(IterableDataset):
         counts = self.counts[self.rank :: self.world_size] if self.counts is not None else None
         for i, shard in list(enumerate(self.rank_shards()))[worker::workers]:
             n, last = 0, None
-            for key, png, label in read_shard(shard, self.counter):
-                img = _decode_or_skip(png, self.resolution, False, self.counter, f"{shard}:{key}")
+            for key, data, label in read_samples(shard, self.codec.fields, self.counter):
+                img = _decode_or_skip(self.codec, data, False, self.counter, f"{shard}:{key}")
                 if img is not None and (counts is None or n < counts[i]):
                     n, last = n + 1, (img, label)
                     yield img, label

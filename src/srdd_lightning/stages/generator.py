@@ -1,8 +1,9 @@
 """Stage 2: the generator over a frozen tokenizer — VAR (``attn="causal"``) or SRDD's Markov form (``attn="markov"``).
 
 Training is VAR's recipe (DESIGN §2.2, notes/var-reference.md §1.5): ground-truth tokens are computed on the
-fly from the frozen tokenizer, the transformer predicts every scale in one teacher-forced pass, and the loss
-is the per-token cross-entropy with each token weighted 1/L:
+fly from the frozen tokenizer (or read from a token cache, ``srdd data tokenize``, whose tokenizer fingerprint
+and schedule must be this module's: checked at setup), the transformer predicts every scale in one
+teacher-forced pass, and the loss is the per-token cross-entropy with each token weighted 1/L:
 
     loss = mean_b  sum_l (1/L) · CE(logits_bl, r_bl)          (the Markov chain's ELBO, DESIGN §2.2)
 
@@ -54,7 +55,7 @@ from srdd_lightning.loading import (
     resolve_tokenizer_checkpoint,
     stage_state,
 )
-from srdd_lightning.models.scales import flatten_tokens, scale_slices, subset_indices
+from srdd_lightning.models.scales import flatten_tokens, scale_slices, split_tokens, subset_indices
 from srdd_lightning.models.transformer import InitConfig, VARTransformer, generator_config
 from srdd_lightning.utils.seeding import mix_seed
 
@@ -229,6 +230,7 @@ class SRDDModule(pl.LightningModule):
     """
 
     frozen_submodules = ("tokenizer",)  # the EMA callback shares it instead of averaging a copy
+    trains_from_tokens = True  # batches may be (idx_BL, label_B) from a token cache of this tokenizer and schedule
 
     @staticmethod
     def check_init_args(init_args: dict) -> None:
@@ -323,6 +325,42 @@ class SRDDModule(pl.LightningModule):
             x_BLC = self.tokenizer.teacher_forcing_inputs(tokens, self.patch_nums)
         return flatten_tokens(tokens), x_BLC
 
+    @torch.no_grad()
+    def inputs_from_tokens(self, idx_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached tokens idx_BL on the generator's schedule -> (gt_BL int64, x_BLC fp32), as ``tokens_and_inputs``."""
+        gt_BL = idx_BL.long()
+        with torch.autocast(device_type=gt_BL.device.type, enabled=False):
+            x_BLC = self.tokenizer.teacher_forcing_inputs(split_tokens(gt_BL, self.patch_nums), self.patch_nums)
+        return gt_BL, x_BLC
+
+    def check_token_cache(self, datamodule) -> None:
+        """Refuse a token cache written by another tokenizer or on another schedule (one line naming both)."""
+        cache = getattr(datamodule, "token_info", None)
+        if cache is None:
+            return
+        root = getattr(datamodule, "root", "data.root")
+        if not self.trains_from_tokens:
+            raise ValueError(f"data.root {root} is a token cache, but {type(self).__name__} trains on images: give "
+                             f"data.root the packed images it was written from ({datamodule.image_root})")  # fmt: skip
+        ours = self.tokenizer_info
+        if cache["fingerprint"] != ours["fingerprint"]:
+            ema = "" if cache.get("ema") in (None, ours.get("ema")) else (
+                f" (the cache used {'the EMA' if cache['ema'] else 'the trained'} weights: match "
+                f"model.init_args.tokenizer_ema and srdd data tokenize --ema)")  # fmt: skip
+            raise ValueError(
+                f"the token cache {root} (data.root) was written by the tokenizer {cache['tokenizer']} (weights "
+                f"{cache['fingerprint']}), but model.init_args.tokenizer_ckpt gives {ours['path']} (weights "
+                f"{ours['fingerprint']}){ema}: its codes mean other things; re-tokenize with `srdd data tokenize "
+                f"--tokenizer {ours['path']}` or point data.root at the images"
+            )
+        if tuple(cache["patch_nums"]) != self.patch_nums:
+            raise ValueError(
+                f"the token cache {root} (data.root) holds tokens on patch_nums {cache['patch_nums']}, but the generator "
+                f"trains on {list(self.patch_nums)} (model.init_args.schedule): tokens of one schedule are not those "
+                f"of another (each scale quantizes what the previous ones left); write a cache with `srdd data "
+                f"tokenize --patch_nums [{','.join(map(str, self.patch_nums))}]`, or train from the images"
+            )
+
     # ---- strategies ----------------------------------------------------------------------------
 
     def _fsdp_root(self):
@@ -353,6 +391,8 @@ class SRDDModule(pl.LightningModule):
                 f"trainer.gradient_clip_val={self.trainer.gradient_clip_val} is set, but SRDDModule clips itself: "
                 f"use model.init_args.optim.grad_clip (now {self.optim.grad_clip}) and leave trainer.gradient_clip_val unset"
             )
+        if self._trainer is not None:
+            self.check_token_cache(getattr(self.trainer, "datamodule", None))
         if self.hparams.get("init_from") and not self._weights_set:
             self.load_initial_weights(self.hparams.init_from)
         if stage == "fit":
@@ -470,9 +510,12 @@ class SRDDModule(pl.LightningModule):
         return self.rng.manual_seed(mix_seed(self._run_seed, self.global_rank, self.global_step, batch_idx))
 
     def _forward_loss(self, batch, rng: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ce_BL, logits_BLV, gt_BL of a batch; ``rng`` given = training (label dropout, drop-path)."""
-        img_B3HW, label_B = batch
-        gt_BL, x_BLC = self.tokens_and_inputs(img_B3HW)
+        """ce_BL, logits_BLV, gt_BL of a batch; ``rng`` given = training (label dropout, drop-path).
+
+        The batch is ``(img_B3HW, label_B)``, or ``(idx_BL, label_B)`` integer tokens from a token cache.
+        """
+        x, label_B = batch
+        gt_BL, x_BLC = self.inputs_from_tokens(x) if _is_token_batch(x) else self.tokens_and_inputs(x)
         if rng is not None:
             label_B = self.generator.drop_labels(label_B, p=self.hparams.cond_drop, generator=rng)
         logits_BLV = self.generator(label_B, x_BLC, generator=rng)
@@ -622,6 +665,11 @@ def _resolve_init_from(path: str):
             raise FileNotFoundError(f"{e}. Download VAR's released {Path(path).name} (Hugging Face FoundationVision/var) "
                                     f"and give its path; nothing is downloaded automatically") from None  # fmt: skip
         raise
+
+
+def _is_token_batch(x: torch.Tensor) -> bool:
+    """(B, L) integer token indices from a token cache, rather than (B, 3, H, W) float images."""
+    return x.dim() == 2 and not x.is_floating_point()
 
 
 def _first_mismatch(state: dict, current: dict) -> str:

@@ -74,6 +74,9 @@ class StudentModule(SRDDModule):
         num_classes, image_size, cond_drop, label_smoothing, optim, tokenizer_ema, init_from_ignore: as SRDDModule.
     """
 
+    # Training needs the latents x_0 (re-quantized on the student's schedule, and the teacher's KL), not tokens.
+    trains_from_tokens = False
+
     @staticmethod
     def check_init_args(init_args: dict) -> None:
         """Called by ``srdd`` before building the module: the tokenizer and the teacher must exist."""
