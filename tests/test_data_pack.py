@@ -314,8 +314,8 @@ def test_options_that_cannot_be_honoured_are_refused(tmp_path, option, value):
 
 
 @pytest.mark.parametrize("resolution, expected", [
-    (100, "resolution 100 is not a multiple of 16 (the downsampling of var-vae-f16): "),
-    (15, "resolution 15 is not a multiple of 16 (the downsampling of var-vae-f16) / 4 (the downsampling of tiny, "
+    (100, "resolution 100 is not a multiple of 16 (the downsampling of var-vae-f16, var-vae-f16-512, var-vae-f16-1024): "),
+    (15, "resolution 15 is not a multiple of 16 (the downsampling of var-vae-f16, var-vae-f16-512, var-vae-f16-1024) / 4 (the downsampling of tiny, "
          "tiny-16) / 2 (the downsampling of digits)"),
     (96, None),
 ])  # fmt: skip

