@@ -15,6 +15,7 @@ import yaml
 from scipy import stats
 
 from srdd_lightning import table
+from srdd_lightning.metrics import seeds
 from srdd_lightning.data import digits_images
 from srdd_lightning.metrics import DigitsClassifier, DigitsClassifierConfig, save_classifier
 from srdd_lightning.utils.images import from_uint8, to_uint8
@@ -191,15 +192,15 @@ def test_welch_test_and_verdicts_on_hand_made_seeds():
     # Welch by hand: t = (ma - mb) / sqrt(va/na + vb/nb), Welch-Satterthwaite degrees of freedom, two-sided
     va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 3
     t_hand, dof = (np.mean(a) - np.mean(b)) / np.sqrt(va + vb), (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
-    assert table.welch(row("a", a)["per_seed"], row("b", b)["per_seed"]) == pytest.approx(2 * stats.t.sf(abs(t_hand), dof))
+    assert seeds.welch_p(row("a", a)["per_seed"], row("b", b)["per_seed"]) == pytest.approx(2 * stats.t.sf(abs(t_hand), dof))
     # pooled variances (Student's test) would give another p: the test must be Welch's
     assert 2 * stats.t.sf(abs(t_hand), dof) != pytest.approx(stats.ttest_ind(a, b).pvalue)
-    text, d, p = table.compare(row("A", a), row("B", b), 0.05)
+    text, d, p = seeds.compare(row("A", a), row("B", b), 0.05)
     assert d == pytest.approx(-10.0) and p < 0.01 and "larger than its noise" in text and "ΔFID -10.00" in text
-    assert "within noise" in table.compare(row("A", [10, 12, 8]), row("B", [11, 9, 13]), 0.05)[0]
-    assert "not testable" in table.compare(row("A", [10.0]), row("B", b), 0.05)[0]
+    assert "within noise" in seeds.compare(row("A", [10, 12, 8]), row("B", [11, 9, 13]), 0.05)[0]
+    assert "not testable" in seeds.compare(row("A", [10.0]), row("B", b), 0.05)[0]
     rows = {"sdd": row("SDD", a), "var": row("VAR", b), "bad": row("bad", [30, 31, 29]), "few": row("few", [10.2, 9.8, 10.1], tokens=70)}
-    claim = lambda kind, names, **kw: table.claim_line(table.NS(text="claim", kind=kind, rows=names, max_cost=0.8, **kw), rows, [], 0.05)  # noqa: E731
+    claim = lambda kind, names, **kw: seeds.claim_line(table.NS(text="claim", kind=kind, rows=names, max_cost=0.8, **kw), rows, [], 0.05)  # noqa: E731
     assert claim("better", ["sdd", "var"]).startswith("- **claim**: supported.")
     assert claim("better", ["bad", "sdd"]).startswith("- **claim**: contradicted.")
     assert claim("better", ["few", "sdd"]).startswith("- **claim**: not resolved.")
@@ -221,15 +222,15 @@ def test_converges_claim_needs_a_non_increasing_curve_that_beats_r0():
     up = sweep("up", {0: [50, 51, 49], 1: [55, 56, 54], 2: [60, 61, 59]})
     flat = sweep("flat", {0: [50, 51, 49], 2: [50.5, 49.5, 50]})
     dip = sweep("dip", {0: [50, 51, 49], 1: [40, 41, 39], 2: [48, 49, 47]})  # beats R = 0, then rises beyond its std
-    assert table.claim_line(c, {}, [up, down], 0.05).startswith("- **refinement converges**: supported.")
-    line = table.claim_line(c, {}, [up], 0.05)
+    assert seeds.claim_line(c, {}, [up, down], 0.05).startswith("- **refinement converges**: supported.")
+    line = seeds.claim_line(c, {}, [up], 0.05)
     assert line.startswith("- **refinement converges**: not supported.") and "rising" in line
     c.rows = ["dip"]
-    assert table.claim_line(c, {}, [dip], 0.05).startswith("- **refinement converges**: not supported.")
+    assert seeds.claim_line(c, {}, [dip], 0.05).startswith("- **refinement converges**: not supported.")
     c.rows = ["flat"]
-    assert table.claim_line(c, {}, [flat], 0.05).startswith("- **refinement converges**: not supported.")  # within noise
+    assert seeds.claim_line(c, {}, [flat], 0.05).startswith("- **refinement converges**: not supported.")  # within noise
     c.rows = ["nothing"]
-    assert "not measured in this run" in table.claim_line(c, {}, [up], 0.05)
+    assert "not measured in this run" in seeds.claim_line(c, {}, [up], 0.05)
 
 
 def test_markdown_shows_mean_std_kid_floor_costs_reading_and_claims(tmp_path):
@@ -238,7 +239,7 @@ def test_markdown_shows_mean_std_kid_floor_costs_reading_and_claims(tmp_path):
             "sdd": row("SDD (markov)", [96.5, 86.8, 88.0], tokens=259, seconds=0.0031, kid_mean=0.011)}
     rows["floor"] = {"label": "real-vs-real floor (N=264)", "per_seed": {"–": {"fid": 49.688, "kid_mean": 0.0021}},
                      "sampling": "real images"}
-    reading = [table.compare(rows["var"], rows["sdd"], 0.05)[0] + "."]
+    reading = [seeds.compare(rows["var"], rows["sdd"], 0.05)[0] + "."]
     md = table.render_markdown(t, {"features": "digits-classifier (128-d)"}, rows, reading, ["- **SDD ≤ VAR**: not resolved."])
     assert md.startswith("# SRDD reproduction table: digits\n\n- **features**: digits-classifier (128-d)")
     header = next(line for line in md.splitlines() if line.startswith("| Row"))

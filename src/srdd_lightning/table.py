@@ -24,8 +24,8 @@ from jsonargparse import CLI
 from srdd_lightning import evaluation as ev
 from srdd_lightning.data.index import ShardIndex
 from srdd_lightning.loading import resolve_checkpoint
+from srdd_lightning.metrics.seeds import claim_line, compare
 from srdd_lightning.metrics.seeds import seed_stat as stat
-from srdd_lightning.metrics.seeds import welch_p as welch
 from srdd_lightning.sampling import sample_cli
 from srdd_lightning.sampling.config import SamplingConfig
 from srdd_lightning.utils.io import atomic_write, atomic_write_text, write_json
@@ -149,33 +149,6 @@ def train_all(t: NS, opts: NS) -> dict[str, dict[int | None, Path]]:
         for n, s in t.stages.items():
             jobs.update({(n, k): pool.submit(one, n, k) for k in ([None] if s.shared else t.seeds)})
     return {n: {k: job.result() for (m, k), job in jobs.items() if m == n} for n in t.stages}
-
-def compare(a: dict, b: dict, alpha: float) -> tuple[str, float, float]:
-    d, p = stat(a["per_seed"])[0] - stat(b["per_seed"])[0], welch(a["per_seed"], b["per_seed"])
-    verdict = "not testable (< 2 seeds a side)" if np.isnan(p) else "larger than its noise" if p < alpha else "within noise"
-    return f"{a['label']} vs {b['label']}: ΔFID {d:+.2f} (Welch t-test over seeds, p = {p:.3f}): {verdict}", d, p
-
-def claim_line(c: NS, rows: dict, sweeps: list[dict], alpha: float) -> str:
-    """Whether this run supports one paper claim, with the numbers; "not measured" when its rows are absent."""
-    if c.kind == "converges":  # FID non-increasing in R within the seeds' std, and the best R beats R = 0 beyond noise
-        ok, parts = False, []
-        for s in (s for s in sweeps if s["name"] in c.rows):
-            pts = [(p["R"], p["per_seed"], *stat(p["per_seed"])[:2]) for p in s["points"]]  # (R, per seed, mean, std)
-            best = min(pts, key=lambda q: q[2])
-            down = all(b[2] <= a[2] + np.nan_to_num(max(a[3], b[3])) for a, b in zip(pts, pts[1:]))
-            p = welch(best[1], pts[0][1])
-            ok |= down and best[0] != pts[0][0] and p < alpha
-            parts += [f"FID {', '.join(f'{q[2]:.1f}' for q in pts)} at R = {[q[0] for q in pts]}, "
-                      f"{'non-increasing' if down else 'rising'} within std, best R = {best[0]} (vs R = 0: p = {p:.3f})"]
-        verdict = f"{'' if ok else 'not '}supported. " + "; ".join(parts) if parts else "not measured in this run"
-    elif missing := [n for n in c.rows if n not in rows]:
-        verdict = f"not measured in this run (no row {', '.join(missing)})"
-    else:  # better: lower FID beyond noise; cheaper: not worse beyond noise, at <= max_cost of the tokens
-        (text, d, p), (a, b) = compare(rows[c.rows[0]], rows[c.rows[1]], alpha), (rows[n]["per_seed"] for n in c.rows)
-        r, worse = stat(a, "tokens")[0] / stat(b, "tokens")[0], d > 0 and p < alpha
-        verdict = (f"{'not ' * (worse or r > c.max_cost)}supported. {text}; {r:.0%} of the tokens" if c.kind == "cheaper"
-                   else f"{'supported' if d < 0 and p < alpha else 'contradicted' if worse else 'not resolved'}. {text}")
-    return f"- **{c.text}**: {verdict}"
 
 def describe(s: dict, base: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in s.items() if v != base.get(k)) or "the defaults"
