@@ -315,16 +315,30 @@ def test_datamodule_batches(digits_root):
     assert dm.num_classes == 10 and dm.image_size == 16
     loader = dm.train_dataloader()
     assert len(loader) == 1533 // 64
-    img, label = next(iter(loader))
-    assert img.shape == (64, 3, 16, 16) and img.dtype == torch.float32
-    assert -1.0 <= img.min() and img.max() <= 1.0 and label.dtype == torch.long
+    raw, label = next(iter(loader))  # the workers send 8-bit pixels; the device gets float in [-1, 1]
+    assert raw.shape == (64, 3, 16, 16) and raw.dtype == torch.uint8 and label.dtype == torch.long
+    img, _ = dm.on_after_batch_transfer((raw, label), 0)
+    assert img.dtype == torch.float32 and -1.0 <= img.min() and img.max() <= 1.0
+    assert torch.equal(img, raw.float() / 127.5 - 1.0)
     assert sum(len(b[1]) for b in dm.val_dataloader()) == 264
+
+
+def test_uint8_images_are_the_float_decode_bit_for_bit(digits_root):
+    """The loader's uint8 images, made float on the device, equal the float decode (a resize rounds to 8 bits)."""
+    from srdd_lightning.data.stream import to_unit_range
+
+    _, png, _ = next(read_shard(digits_root / "train-000000.tar"))
+    for flip in (False, True):
+        assert torch.equal(to_unit_range(decode_image(png, 16, flip, uint8=True)), decode_image(png, 16, flip))
+    resized = decode_image(png, 12, False)
+    assert (to_unit_range(decode_image(png, 12, False, uint8=True)) - resized).abs().max() <= 0.5 / 127.5 + 1e-6
 
 
 def test_datamodule_resizes_to_configured_resolution(digits_root):
     dm = ShardDataModule(root=str(digits_root), batch_size=8, resolution=12)
     dm.setup("fit")
     assert next(iter(dm.train_dataloader()))[0].shape == (8, 3, 12, 12)
+    assert next(iter(dm.val_dataloader()))[0].dtype == torch.uint8
 
 
 def test_a_truncated_validation_shard_still_gives_equal_work_per_rank(tmp_path, digits_root):

@@ -118,13 +118,18 @@ def test_a_subset_schedule_cache_holds_that_schedules_tokens(tmp_path, mini_root
     m.check_token_cache(dm)  # accepted: the student schedule's own tokens
     images = ShardDataModule(str(mini_root), batch_size=8)
     dm.setup("fit"), images.setup("fit")
-    (idx, _), (img, _) = next(iter(dm.val_dataloader())), next(iter(images.val_dataloader()))
+    (idx, _), (img, _) = next(iter(dm.val_dataloader())), _on_device(images, next(iter(images.val_dataloader())))
     assert torch.equal(idx.long(), m.tokens_and_inputs(img)[0])  # re-quantized on [1, 2, 4], not cut from the full
 
 
 # --------------------------------------------------------------------------------------------
 # The datamodule: the same stream as the images, resumable
 # --------------------------------------------------------------------------------------------
+
+
+def _on_device(dm: ShardDataModule, batch):
+    """What a step receives: the loader's batch after ``on_after_batch_transfer`` (8-bit images made float)."""
+    return dm.on_after_batch_transfer(batch, 0)
 
 
 def _pair(mini_root: Path, cache: Path, flip: bool, **kw) -> tuple[ShardDataModule, ShardDataModule]:
@@ -141,10 +146,11 @@ def test_token_batches_are_the_tokens_of_the_image_batches(mini_root, caches, to
     images, tokens = _pair(mini_root, caches["flip" if flip else "plain"], flip)
     assert images.token_info is None and tokens.token_info["flip"] is flip
     assert tokens.num_classes == 10 and tokens.image_size == 16 and tokens.image_root == mini_root.resolve()
-    for (img, y), (idx, y_tok) in list(zip(images.train_dataloader(), tokens.train_dataloader()))[:4]:
+    for img_batch, (idx, y_tok) in list(zip(images.train_dataloader(), tokens.train_dataloader()))[:4]:
+        img, y = _on_device(images, img_batch)
         assert idx.dtype == torch.uint16 and idx.shape == (16, 30)  # workers send 2 bytes per token
         assert torch.equal(y, y_tok) and torch.equal(idx.long(), _encode(tokenizer, img))
-    (img, y), (idx, y_tok) = next(iter(images.val_dataloader())), next(iter(tokens.val_dataloader()))
+    (img, y), (idx, y_tok) = _on_device(images, next(iter(images.val_dataloader()))), next(iter(tokens.val_dataloader()))
     assert torch.equal(y, y_tok) and torch.equal(idx.long(), _encode(tokenizer, img))
     assert tokens.on_after_batch_transfer((idx, y_tok), 0)[0].dtype == torch.int64
 
@@ -203,7 +209,7 @@ def test_a_generator_step_from_tokens_equals_one_from_images(mini_root, caches, 
     m = module(tok_run).train()
     images, tokens = _pair(mini_root, caches["flip"], flip=True)
     img_batch, tok_batch = next(iter(images.train_dataloader())), next(iter(tokens.train_dataloader()))
-    tok_batch = tokens.on_after_batch_transfer(tok_batch, 0)
+    img_batch, tok_batch = _on_device(images, img_batch), _on_device(tokens, tok_batch)
     out_img = m._forward_loss(img_batch, torch.Generator().manual_seed(7))
     out_tok = m._forward_loss(tok_batch, torch.Generator().manual_seed(7))
     for a, b in zip(out_img, out_tok):

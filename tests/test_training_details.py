@@ -18,7 +18,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from srdd_lightning.callbacks.ema import EMA
 from srdd_lightning.data import ShardDataModule
-from srdd_lightning.data.stream import decode_image
+from srdd_lightning.data.stream import decode_image, to_unit_range
 from srdd_lightning.loading import load_stage
 from srdd_lightning.models.transformer import DropPath
 from srdd_lightning.stages.generator import SRDDModule, token_cross_entropy, var_loss
@@ -138,7 +138,7 @@ def test_validation_uses_the_ema_weights(tmp_path, digits_root, tok_run):
     trainer.fit(m, datamodule=dm)
     path = tmp_path / "g.ckpt"
     trainer.save_checkpoint(path)
-    batch = next(iter(dm.val_dataloader()))
+    batch = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)  # 8-bit images made float, as in a step
     losses = {}
     for ema in (True, False):
         stage = load_stage(path, ema=ema)
@@ -156,7 +156,7 @@ def test_tokenizer_validation_reports_ssim_and_psnr(tmp_path, digits_root):
     trainer = _trainer(tmp_path)
     dm = ShardDataModule(str(digits_root), batch_size=16, val_batch_size=16)
     metrics = trainer.validate(m, datamodule=dm, verbose=False)[0]
-    img = next(iter(dm.val_dataloader()))[0]
+    img = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)[0]  # 8-bit images made float, as in a step
     with torch.no_grad():
         q = m.tokenizer.quantizer(m.tokenizer.encode(img))
         rec = m.tokenizer.decode(q.f_hat).clamp(-1, 1)
@@ -216,7 +216,7 @@ def test_data_flip_mirrors_training_images(digits_root):
     dm = ShardDataModule(str(digits_root), batch_size=8, flip=True, seed=3)
     stream = dm.train_stream()
     raw = list(islice(stream.raw_samples(0, 0), 64))
-    imgs = [img for img, _ in islice(stream.iterate(worker=0), 64)]
+    imgs = [to_unit_range(img) for img, _ in islice(stream.iterate(worker=0), 64)]  # the stream sends 8-bit pixels
     flipped = [s.flip for s in raw]
     assert 10 < sum(flipped) < 54
     for s, img in zip(raw, imgs):

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .index import ShardIndex
-from .stream import Codec, ImageCodec, TokenCodec, TrainLoader, TrainStream, ValShards, batches_per_epoch
+from .stream import Codec, ImageCodec, TokenCodec, TrainLoader, TrainStream, ValShards, batches_per_epoch, to_unit_range
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -94,9 +94,10 @@ class ShardDataModule(pl.LightningDataModule):
         return self.root if self.token_info is None else Path(self.index.source)
 
     def codec(self, split: str) -> Codec:
-        """How a sample's bytes become a tensor: images, or tokens (flipped ones only for training with data.flip)."""
+        """How a sample's bytes become a tensor: 8-bit images (float on the device), or tokens (flipped ones only
+        for training with data.flip)."""
         if self.token_info is None:
-            return ImageCodec(self.resolution)
+            return ImageCodec(self.resolution, uint8=True)
         return TokenCodec(self.token_info["num_tokens"], flipped=split == "train" and self.flip)
 
     def _pin_memory(self) -> bool:
@@ -154,9 +155,11 @@ class ShardDataModule(pl.LightningDataModule):
                           pin_memory=self._pin_memory())  # fmt: skip
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Token indices arrive as uint16 (small to copy) and become int64 on the device, as embeddings need."""
-        if self.token_info is not None and isinstance(batch, (list, tuple)) and not batch[0].is_floating_point():
-            batch = type(batch)([batch[0].long(), *batch[1:]])
+        """Batches cross from the workers and to the device small: images as uint8 become float in [-1, 1] here,
+        token indices as uint16 become int64, as embeddings need."""
+        if isinstance(batch, (list, tuple)) and not batch[0].is_floating_point():
+            x = batch[0].long() if self.token_info is not None else to_unit_range(batch[0])
+            batch = type(batch)([x, *batch[1:]])
         return batch
 
     def test_dataloader(self) -> DataLoader:

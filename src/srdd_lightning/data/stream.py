@@ -7,7 +7,7 @@ and continue exactly the same stream.
 
 Validation: shards are dealt to ranks, then to workers, in a fixed order; each sample is seen once.
 
-What a sample holds and how its bytes become a tensor is a codec: :class:`ImageCodec` (``png`` -> float image)
+What a sample holds and how its bytes become a tensor is a codec: :class:`ImageCodec` (``png`` -> image)
 or :class:`TokenCodec` (a token cache's ``idx`` / ``idx_flip`` -> uint16 token indices); the stream, its
 randomness and its resume are the same for both.
 """
@@ -99,8 +99,9 @@ def _skip(counter: dict | None, path, why: str) -> None:
                   stacklevel=2)
 
 
-def decode_image(png: bytes, resolution: int, flip: bool) -> torch.Tensor:
-    """PNG bytes -> ``(3, R, R)`` float in [-1, 1], resized (shorter side) and center-cropped if needed."""
+def decode_image(png: bytes, resolution: int, flip: bool, uint8: bool = False) -> torch.Tensor:
+    """PNG bytes -> ``(3, R, R)`` float in [-1, 1] (or, with ``uint8``, the 8-bit pixels, for a quarter of the copy
+    from a loader worker and to the device), resized (shorter side) and center-cropped if needed."""
     with Image.open(io.BytesIO(png)) as im:
         arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     img = torch.from_numpy(arr.copy()).permute(2, 0, 1)
@@ -112,10 +113,14 @@ def decode_image(png: bytes, resolution: int, flip: bool) -> torch.Tensor:
         img = img[0].clamp(0, 255)
         top, left = (nh - resolution) // 2, (nw - resolution) // 2
         img = img[:, top : top + resolution, left : left + resolution]
-    img = img.float().div(127.5).sub(1.0)
-    if flip:
-        img = img.flip(-1)
-    return img
+        img = img.round().to(torch.uint8) if uint8 else img  # resized in the loader: rounded to 8 bits like a pack
+    img = img.contiguous() if uint8 else to_unit_range(img)
+    return img.flip(-1) if flip else img
+
+
+def to_unit_range(img: torch.Tensor) -> torch.Tensor:
+    """8-bit pixel values (uint8, or float from a resize) -> float in [-1, 1]: ``x / 127.5 - 1``."""
+    return img.float().div(127.5).sub(1.0)
 
 
 def decode_tokens(raw: bytes, num_tokens: int) -> torch.Tensor:
@@ -127,16 +132,18 @@ def decode_tokens(raw: bytes, num_tokens: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ImageCodec:
-    """Packed images: ``png`` -> ``(3, R, R)`` float in [-1, 1], flipped horizontally when asked."""
+    """Packed images: ``png`` -> ``(3, R, R)`` float in [-1, 1] (``uint8``: the 8-bit pixels, made float on the
+    device by ``ShardDataModule.on_after_batch_transfer``), flipped horizontally when asked."""
 
     resolution: int
+    uint8: bool = False
 
     @property
     def fields(self) -> tuple[str, ...]:
         return ("png",)
 
     def decode(self, data: tuple[bytes, ...], flip: bool) -> torch.Tensor:
-        return decode_image(data[0], self.resolution, flip)
+        return decode_image(data[0], self.resolution, flip, self.uint8)
 
 
 @dataclass(frozen=True)
