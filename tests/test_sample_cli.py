@@ -455,3 +455,25 @@ def test_edit_input_mistakes_are_one_line_errors(ckpts, tmp_path, capsys):
         import re
 
         assert re.search(message, _error(capsys, [*base, *extra])), message
+
+
+def test_channels_last_decode_is_recorded_used_and_keeps_the_pixels(ckpts, tmp_path, monkeypatch, capsys):
+    from srdd_lightning.models.tokenizer import MultiScaleTokenizer
+
+    base = ["--ckpt", str(ckpts["gen"]), "--num_samples", "3", *QUIET, *GREEDY]
+    layouts, real = [], MultiScaleTokenizer.decode
+
+    def spy(self, *a, channels_last=False, **kw):
+        layouts.append(channels_last)
+        return real(self, *a, channels_last=channels_last, **kw)
+
+    monkeypatch.setattr(MultiScaleTokenizer, "decode", spy)
+    srdd(["sample", *base, "--out", str(tmp_path / "a")])
+    srdd(["sample", *base, "--out", str(tmp_path / "b"), "--channels_last_decode", "true"])
+    assert layouts and not layouts[0] and layouts[-1]  # the option reaches the decoder
+    assert _record(tmp_path / "a")["channels_last_decode"] is False and _record(tmp_path / "b")["channels_last_decode"]
+    a, b = (np.load(tmp_path / d / "samples.npz")["arr_0"].astype(int) for d in "ab")
+    assert np.abs(a - b).max() <= 1  # within 2e-4 before 8-bit rounding: at most one level
+    # the layout is part of what the images depend on: a folder does not resume under the other one
+    err = _error(capsys, [*base, "--out", str(tmp_path / "a"), "--channels_last_decode", "true"])
+    assert "--channels_last_decode False there, True now" in err
