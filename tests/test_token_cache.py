@@ -348,3 +348,28 @@ def test_cuda_tokenize_pinned_uint16_batches_and_a_fit(tmp_path, mini_root, cach
     idx, _ = next(iter(loader))
     assert idx.dtype == torch.uint16 and idx.is_pinned()
     assert dm.on_after_batch_transfer((idx.cuda(), _), 0)[0].dtype == torch.int64
+
+
+def test_tokenize_decodes_the_next_batch_on_a_worker_thread(tmp_path, mini_root, tok_run, monkeypatch, caches):
+    import threading
+
+    from srdd_lightning.data import tokens as tokens_module
+
+    threads, real = set(), tokens_module.decode_image
+
+    def spy(*a, **kw):
+        threads.add(threading.current_thread().name)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tokens_module, "decode_image", spy)
+    tokenize(mini_root, tok_run, tmp_path / "c", flip=True, batch_size=40)
+    assert threads and all(t.startswith(tokens_module.DECODE_THREAD) for t in threads)  # never the encoding thread
+    for split in ("train", "val"):  # the same cache as decoding in line
+        for a, b in zip(ShardIndex.load(tmp_path / "c", tokens=True).shard_paths(split),
+                        ShardIndex.load(caches["flip"], tokens=True).shard_paths(split)):
+            assert list(read_samples(a, ("idx",))) == list(read_samples(b, ("idx",)))
+    # an error while decoding reaches the caller (and stops the run) rather than being lost on the thread
+    monkeypatch.setattr(tokens_module, "read_shard", lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(OSError, match="disk gone"):
+        tokenize(mini_root, tok_run, tmp_path / "d", batch_size=40)
+    assert not (tmp_path / "d" / "index.json").exists()

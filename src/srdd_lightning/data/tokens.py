@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MAX_VOCAB = 1 << 16  # indices 0..65535 fit the cache's uint16
 TOKEN_DTYPE = "<u2"
+DECODE_THREAD = "srdd-tokenize-decode"  # the thread that decodes the next batch
 
 
 def _device(device: str) -> torch.device:
@@ -168,7 +170,7 @@ def _tokenize_shard(src: Path, dst: Path, resolution: int, encode: Callable[[tor
     with atomic_open(dst) as f:  # a temporary name until the shard is complete
         writer = wds.TarWriter(f)
         try:
-            for batch in _batches(_images(src, resolution, counter), batch_size):
+            for batch in _prefetched(_batches(_images(src, resolution, counter), batch_size)):
                 keys, img_B3HW, labels = batch
                 idx_BL = encode(img_B3HW)
                 idx_flip_BL = encode(img_B3HW.flip(-1)) if flip else None  # = decode_image(png, R, flip=True)
@@ -204,6 +206,18 @@ def _batches(samples: Iterator, batch_size: int) -> Iterator[tuple[list[str], to
             keys, imgs, labels = [], [], []
     if keys:
         yield keys, torch.stack(imgs), labels
+
+
+def _prefetched(items: Iterator) -> Iterator:
+    """``items`` in order, the next one made on a worker thread while the caller encodes the current one: PNG
+    decoding overlaps the encoder (PIL and torch release the GIL). One ``next`` runs at a time, so the generator
+    is never entered twice; its error reaches the caller at that item."""
+    end = object()
+    with ThreadPoolExecutor(1, thread_name_prefix=DECODE_THREAD) as pool:
+        ahead = pool.submit(next, items, end)
+        while (item := ahead.result()) is not end:
+            ahead = pool.submit(next, items, end)
+            yield item
 
 
 __all__ = ["tokenize"]
