@@ -325,13 +325,13 @@ def test_datamodule_batches(digits_root):
 
 def test_uint8_images_are_the_float_decode_bit_for_bit(digits_root):
     """The loader's uint8 images, made float on the device, equal the float decode (a resize rounds to 8 bits)."""
-    from srdd_lightning.data.stream import to_unit_range
+    from srdd_lightning.utils.images import from_uint8
 
     _, png, _ = next(read_shard(digits_root / "train-000000.tar"))
     for flip in (False, True):
-        assert torch.equal(to_unit_range(decode_image(png, 16, flip, uint8=True)), decode_image(png, 16, flip))
+        assert torch.equal(from_uint8(decode_image(png, 16, flip, uint8=True)), decode_image(png, 16, flip))
     resized = decode_image(png, 12, False)
-    assert (to_unit_range(decode_image(png, 12, False, uint8=True)) - resized).abs().max() <= 0.5 / 127.5 + 1e-6
+    assert (from_uint8(decode_image(png, 12, False, uint8=True)) - resized).abs().max() <= 0.5 / 127.5 + 1e-6
 
 
 def test_datamodule_resizes_to_configured_resolution(digits_root):

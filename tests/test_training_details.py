@@ -18,7 +18,8 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from srdd_lightning.callbacks.ema import EMA
 from srdd_lightning.data import ShardDataModule
-from srdd_lightning.data.stream import decode_image, to_unit_range
+from srdd_lightning.data.stream import decode_image
+from srdd_lightning.utils.images import from_uint8
 from srdd_lightning.loading import load_stage
 from srdd_lightning.models.transformer import DropPath
 from srdd_lightning.stages.generator import SRDDModule, token_cross_entropy, var_loss
@@ -216,7 +217,7 @@ def test_data_flip_mirrors_training_images(digits_root):
     dm = ShardDataModule(str(digits_root), batch_size=8, flip=True, seed=3)
     stream = dm.train_stream()
     raw = list(islice(stream.raw_samples(0, 0), 64))
-    imgs = [to_unit_range(img) for img, _ in islice(stream.iterate(worker=0), 64)]  # the stream sends 8-bit pixels
+    imgs = [from_uint8(img) for img, _ in islice(stream.iterate(worker=0), 64)]  # the stream sends 8-bit pixels
     flipped = [s.flip for s in raw]
     assert 10 < sum(flipped) < 54
     for s, img in zip(raw, imgs):

@@ -13,8 +13,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from ..utils.images import from_uint8
 from .index import ShardIndex
-from .stream import Codec, ImageCodec, TokenCodec, TrainLoader, TrainStream, ValShards, batches_per_epoch, to_unit_range
+from .stream import Codec, ImageCodec, TokenCodec, TrainLoader, TrainStream, ValShards, batches_per_epoch
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -158,7 +159,7 @@ class ShardDataModule(pl.LightningDataModule):
         """Batches cross from the workers and to the device small: images as uint8 become float in [-1, 1] here,
         token indices as uint16 become int64, as embeddings need."""
         if isinstance(batch, (list, tuple)) and not batch[0].is_floating_point():
-            x = batch[0].long() if self.token_info is not None else to_unit_range(batch[0])
+            x = batch[0].long() if self.token_info is not None else from_uint8(batch[0])
             batch = type(batch)([x, *batch[1:]])
         return batch
 

@@ -29,6 +29,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..utils.images import from_uint8
+
 log = logging.getLogger(__name__)
 
 
@@ -114,13 +116,8 @@ def decode_image(png: bytes, resolution: int, flip: bool, uint8: bool = False) -
         top, left = (nh - resolution) // 2, (nw - resolution) // 2
         img = img[:, top : top + resolution, left : left + resolution]
         img = img.round().to(torch.uint8) if uint8 else img  # resized in the loader: rounded to 8 bits like a pack
-    img = img.contiguous() if uint8 else to_unit_range(img)
+    img = img.contiguous() if uint8 else from_uint8(img)
     return img.flip(-1) if flip else img
-
-
-def to_unit_range(img: torch.Tensor) -> torch.Tensor:
-    """8-bit pixel values (uint8, or float from a resize) -> float in [-1, 1]: ``x / 127.5 - 1``."""
-    return img.float().div(127.5).sub(1.0)
 
 
 def decode_tokens(raw: bytes, num_tokens: int) -> torch.Tensor:

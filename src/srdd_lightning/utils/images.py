@@ -19,7 +19,7 @@ def to_uint8(img_B3HW: torch.Tensor) -> torch.Tensor:
 
 
 def from_uint8(img_B3HW: torch.Tensor) -> torch.Tensor:
-    """uint8 in [0, 255] -> float in [-1, 1]."""
+    """8-bit pixel values (uint8, or float in [0, 255] after a resize) -> float in [-1, 1]: ``x / 127.5 - 1``."""
     return img_B3HW.float().div(127.5).sub(1)
 
 
