@@ -46,7 +46,9 @@ def test_digits_table_yaml_parses_into_rows_stages_tuning_and_sweeps():
     t = table.load_table(DIGITS_TABLE)
     assert [r.name for r in t.rows][:2] == ["var", "sdd"] and t.seeds == [0, 1, 2] and t.num_samples == 2000
     assert t.stages["tokenizer"].shared and not t.stages["srdd"].shared
-    assert t.stages["var"].configs == ["experiments/digits/srdd.yaml", "experiments/digits/var.yaml"]
+    assert t.stages["var"].configs == ["experiments/digits/srdd.yaml", "experiments/digits/var.yaml",
+                                       "experiments/digits/table_generator.yaml"]
+    assert t.stages["srdd"].configs == ["experiments/digits/srdd.yaml", "experiments/digits/table_generator.yaml"]
     assert t.stages["var"].same_budget_as == "srdd" and t.stages["srdd"].args["model.init_args.tokenizer_ckpt"] == "{tokenizer}"
     assert {} in t.tune.refine and t.tune.seed >= t.seed + t.num_samples  # none is a candidate; held-out seeds
     modes = [f"{m}_{g}" for m in ("simple", "mask", "renoise") for g in ("early", "middle", "late")]
