@@ -12,13 +12,14 @@ complete, ``index.json`` last: a failing or interrupted pack leaves the previous
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from ..utils.io import atomic_open
+from ..utils.io import atomic_open, file_mode
 from .index import INDEX_NAME, ShardIndex, ShardInfo, SplitInfo, listed_files
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class SplitOptions:
     seed: int = 0
     """Seed of the random train/val split and of the shard order."""
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         """Raise :class:`PackError` naming the first option that cannot be honoured."""
         _check_int("shard_size", self.shard_size, 1)
         f = self.val_fraction
@@ -190,7 +191,6 @@ class _Skipped:
 
 def _plan_split(n: int, opts: SplitOptions) -> tuple[np.ndarray, int]:
     """Seeded permutation of ``n`` samples and the validation size (``val_shards`` equal shards)."""
-    opts.check()
     per_shard = int(n * opts.val_fraction) // opts.val_shards
     if per_shard < 1:
         raise PackError(
@@ -219,7 +219,7 @@ def _write_shards(folder: Path, split: str, samples: Iterator, per_shard: int, m
         with atomic_open(folder / name) as f:  # a temporary name until the shard is complete
             writer = wds.TarWriter(f)
             try:
-                for key, img, label in _chain(first, samples, per_shard - 1):
+                for key, img, label in itertools.chain([first], itertools.islice(samples, per_shard - 1)):
                     writer.write({"__key__": key, "png": encode_png(img), "cls": str(int(label)).encode()})
                     count += 1
             finally:  # the tar's end blocks, also on an error (atomic_open then discards the file)
@@ -228,24 +228,19 @@ def _write_shards(folder: Path, split: str, samples: Iterator, per_shard: int, m
     return SplitInfo(shards)
 
 
-def _chain(first, rest: Iterator, n: int) -> Iterator:
-    yield first
-    for _ in range(n):
-        item = next(rest, None)
-        if item is None:
-            return
-        yield item
-
-
-def _write_splits(
-    folder: Path, order: Sequence[int], n_val: int, val_shards: int, shard_size: int,
-    load: Callable[[int], tuple[Image.Image, int] | None], desc: str,
-) -> dict[str, SplitInfo]:  # fmt: skip
-    """Validation takes the first ``n_val`` loadable items of ``order``, training the rest.
+def _write_splits(stage: _Stage, n: int, opts: SplitOptions, load: Callable[[int], tuple[Image.Image, int] | None],
+                  desc: str) -> dict[str, SplitInfo]:  # fmt: skip
+    """Write source items ``0..n-1`` in a seeded order: validation takes the first ``n_val`` loadable ones, training
+    the rest.
 
     An item whose ``load`` returns None (it failed to decode) is skipped, and the next one in the
     order takes its place, so the validation shards stay full and equal.
     """
+    order, n_val = _plan_split(n, opts)
+    # every shard name the pack may write (training may come out shorter): none may be a file no pack wrote
+    n_train = math.ceil((n - n_val) / opts.shard_size)
+    stage.check_names([_shard_name("val", i) for i in range(opts.val_shards)]
+                      + [_shard_name("train", i) for i in range(n_train)])  # fmt: skip
 
     def samples() -> Iterator[tuple[str, Image.Image, int]]:
         for i in tqdm(order, desc=desc, unit="img", dynamic_ncols=True):
@@ -255,27 +250,14 @@ def _write_splits(
                 yield f"{int(i):09d}", loaded[0], loaded[1]
 
     stream = samples()
-    val = _write_shards(folder, "val", stream, n_val // val_shards, max_shards=val_shards)
+    val = _write_shards(stage.dir, "val", stream, n_val // opts.val_shards, max_shards=opts.val_shards)
     if val.total < n_val:
         raise PackError(f"only {val.total} images could be decoded, fewer than the {n_val} validation samples; "
                         f"see the warnings about skipped files")  # fmt: skip
-    train = _write_shards(folder, "train", stream, shard_size)
+    train = _write_shards(stage.dir, "train", stream, opts.shard_size)
     if train.total == 0:
         raise PackError("no decodable images are left for training after the validation split; lower --val_fraction")
     return {"train": train, "val": val}
-
-
-def _expected_names(n: int, n_val: int, opts: SplitOptions) -> list[str]:
-    """Every shard name a pack of ``n`` samples may write (training may come out shorter)."""
-    n_train = math.ceil((n - n_val) / opts.shard_size)
-    return [_shard_name("val", i) for i in range(opts.val_shards)] + [_shard_name("train", i) for i in range(n_train)]
-
-
-def _file_mode() -> int:
-    """0666 less the process's umask: the permissions a plainly created file would get."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 class _Stage:
@@ -327,7 +309,7 @@ class _Stage:
         names = [s.file for split in index.splits.values() for s in split.shards]
         self.check_names(names)
         index.save(self.dir)
-        mode = _file_mode()
+        mode = file_mode()
         for name in names + [INDEX_NAME]:  # temporary files are private (0600); a dataset is shared
             os.chmod(self.dir / name, mode)
         # The old index goes first and the new one comes last: in between, the folder reads as an
@@ -383,18 +365,15 @@ def pack_digits(
         overwrite: Replace an existing pack in the output folder (only the files its index.json lists are removed).
     """
     opts = SplitOptions(shard_size, val_fraction, val_shards, seed)
-    opts.check()
     _check_int("resolution", resolution, 8)
     warn_tokenizer_sizes(resolution)
     with _Stage(out, overwrite) as stage:
         img, labels = digits_images(resolution)
-        order, n_val = _plan_split(len(img), opts)
-        stage.check_names(_expected_names(len(img), n_val, opts))
 
         def load(i: int):
             return Image.fromarray(img[i].permute(1, 2, 0).numpy()), int(labels[i])
 
-        splits = _write_splits(stage.dir, order, n_val, val_shards, shard_size, load, "pack digits")
+        splits = _write_splits(stage, len(img), opts, load, "pack digits")
         index = ShardIndex(
             name="digits",
             resolution=resolution,
@@ -525,7 +504,6 @@ def pack_image_folder(
         overwrite: Replace an existing pack in the output folder (only the files its index.json lists are removed).
     """
     opts = SplitOptions(shard_size, val_fraction, val_shards, seed)
-    opts.check()
     _check_int("resolution", resolution, 1)
     src, out = Path(src), Path(out)
     if out.resolve().is_relative_to(src.resolve()):
@@ -534,8 +512,6 @@ def pack_image_folder(
     with _Stage(out, overwrite) as stage:
         skipped = _Skipped(src)
         readable, classes, empty_classes = _readable_images(src, skip_empty_classes, skipped)
-        order, n_val = _plan_split(len(readable), opts)
-        stage.check_names(_expected_names(len(readable), n_val, opts))
         upscaled = 0
 
         def load(i: int):
@@ -549,7 +525,7 @@ def pack_image_folder(
             upscaled += small
             return img, c
 
-        splits = _write_splits(stage.dir, order, n_val, val_shards, shard_size, load, "pack")
+        splits = _write_splits(stage, len(readable), opts, load, "pack")
         if upscaled:
             log.warning("%d images were smaller than %d px on their shorter side and were upscaled", upscaled,
                         resolution)

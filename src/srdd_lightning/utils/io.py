@@ -26,7 +26,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results and checkpoints are shared like any file
+        os.chmod(tmp, file_mode())  # mkstemp creates 0600; results and checkpoints are shared like any file
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -37,10 +37,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def file_mode() -> int:
+    """0666 less the process's umask: the permissions a plainly created file would get."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
@@ -73,4 +74,4 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
     return atomic_write_text(path, json.dumps(payload, indent=2, default=_json_default) + "\n")
 
 
-__all__ = ["atomic_open", "atomic_write", "atomic_write_text", "write_json"]
+__all__ = ["atomic_open", "atomic_write", "atomic_write_text", "file_mode", "write_json"]
