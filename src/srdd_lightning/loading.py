@@ -106,12 +106,16 @@ def read_checkpoint(
             f"{file}{where} holds Python objects that only load with pickle, which can run code from the file; "
             f"if you trust it, load it with {PICKLE_OPTION}=True (--{PICKLE_OPTION} true)"
         ) from None
+    except (IndexError, KeyError) as e:  # the unpickler's own errors on damaged pickle data (a cut legacy file)
+        raise CheckpointError(f"{file}{where} cannot be unpickled ({type(e).__name__}: {e}): it is truncated or "
+                              f"damaged; copy or save it again") from None  # fmt: skip
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         msg = str(e)
+        first = (msg.splitlines() or [type(e).__name__])[0]  # a cut legacy file gives a bare EOFError
         if any(s in msg for s in ("failed finding central directory", "unexpected EOF", "corrupted", "truncated")) \
                 or isinstance(e, EOFError):
-            raise CheckpointError(f"{file}{where} is truncated or corrupt ({msg.splitlines()[0]}); use another checkpoint") from None
-        raise CheckpointError(f"{file}{where} is not a PyTorch checkpoint ({msg.splitlines()[0] if msg else type(e).__name__})") from None
+            raise CheckpointError(f"{file}{where} is truncated or corrupt ({first}); use another checkpoint") from None
+        raise CheckpointError(f"{file}{where} is not a PyTorch checkpoint ({first})") from None
 
 
 def stage_state(ckpt: Mapping[str, Any], prefix: str = "", ema: bool = True) -> dict[str, torch.Tensor]:

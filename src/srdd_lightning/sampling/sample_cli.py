@@ -23,16 +23,15 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import os
-import pickle
 import re
 import sys
 import time
 import types
 import typing
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar, Union
@@ -129,13 +128,7 @@ def plan_labels(
 
 def label_runs(labels: Sequence[int]) -> list[list[int]]:
     """``[0, 0, 3, 3, 3]`` -> ``[[0, 2], [3, 3]]``: the labels plan in a few numbers (the plans are contiguous blocks)."""
-    runs: list[list[int]] = []
-    for c in labels:
-        if runs and runs[-1][0] == c:
-            runs[-1][1] += 1
-        else:
-            runs.append([int(c), 1])
-    return runs
+    return [[int(c), len(list(run))] for c, run in itertools.groupby(labels)]
 
 
 def sample_path(out: Path, index: int, label: int) -> Path:
@@ -232,54 +225,6 @@ def _rank_device(dev: torch.device, ranks: Ranks) -> torch.device:
 
 
 # --------------------------------------------------------------------------------------------
-# The checkpoint
-# --------------------------------------------------------------------------------------------
-
-
-def _checkpoint_file_problem(path: Path) -> str | None:
-    """What is wrong with a file torch.load could not read, or None when it looks like an intact checkpoint."""
-    size = path.stat().st_size
-    if size == 0:
-        return f"--ckpt {path} is empty (0 bytes)"
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head == b"PK\x03\x04":  # torch.save's zip format; its directory sits at the end of the file
-        if not zipfile.is_zipfile(path):
-            return (f"--ckpt {path} is truncated ({size} bytes, the end of its zip archive is missing): "
-                    f"an interrupted copy or write; copy or save it again")  # fmt: skip
-        try:
-            with zipfile.ZipFile(path) as z:
-                bad = z.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            return f"--ckpt {path} is a damaged zip archive ({e}); copy or save it again"
-        return f"--ckpt {path} is damaged: {bad} fails its checksum; copy or save it again" if bad else None
-    if head[:1] == b"\x80":  # a pickle: torch.save's legacy format
-        return f"--ckpt {path} is a legacy (non-zip) torch file that cannot be unpickled: truncated or damaged?"
-    return (f"--ckpt {path} is not a PyTorch checkpoint (it starts with {head!r}; torch.save writes a zip archive): "
-            f"give a generator checkpoint (.ckpt) or its run folder")  # fmt: skip
-
-
-def _load_generator(ckpt_file: Path, ema: bool, tokenizer_ckpt: str | None):
-    from srdd_lightning.loading import load_generator
-
-    try:
-        return load_generator(ckpt_file, ema=ema, tokenizer_ckpt=tokenizer_ckpt)
-    except (pickle.UnpicklingError, EOFError, IndexError, KeyError, RuntimeError, zipfile.BadZipFile) as e:
-        # loading.py passes torch.load's raw errors through (a text file gives a KeyError from the unpickler, a
-        # truncated one a RuntimeError from the zip reader). Until it names the file itself, say what the file is;
-        # an error on an intact file is not a user's mistake and keeps its traceback.
-        problem = _checkpoint_file_problem(ckpt_file)
-        if problem is None:
-            raise
-        raise ValueError(problem) from e
-
-
-def _file_sha256(path: str | os.PathLike) -> str:
-    """Of a small input file (an edit's image or mask): same name, other content must not resume."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-# --------------------------------------------------------------------------------------------
 # Editing inputs
 # --------------------------------------------------------------------------------------------
 
@@ -343,9 +288,10 @@ def build_edit(edit: EditMode, tokenizer, schedule: Sequence[int], image: str | 
 
 
 def _with_hashes(record: dict) -> dict:
+    """The record with the content hash of its input files: same name, other content must not resume."""
     for key in ("image", "mask"):
         if key in record:
-            record[f"{key}_sha256"] = _file_sha256(Path(record[key]).expanduser())
+            record[f"{key}_sha256"] = hashlib.sha256(Path(record[key]).expanduser().read_bytes()).hexdigest()
     return record
 
 
@@ -512,7 +458,7 @@ def sample_to_folder(
     """
     from tqdm import tqdm
 
-    from srdd_lightning.loading import fingerprint, resolve_checkpoint
+    from srdd_lightning.loading import fingerprint, load_generator, resolve_checkpoint
 
     # ---- checks that need no model: every process fails alike, before any process group forms
     sampling = sampling or SamplingConfig()
@@ -528,7 +474,7 @@ def sample_to_folder(
         raise ValueError(f"--out {out_dir} is a file; give a folder")
     dev = _device(device)
     ckpt_file = resolve_checkpoint(ckpt, "--ckpt")
-    module = _load_generator(ckpt_file, ema, tokenizer_ckpt)
+    module = load_generator(ckpt_file, ema=ema, tokenizer_ckpt=tokenizer_ckpt)
     generator, tokenizer = module.generator, module.tokenizer
     labels = plan_labels(generator.num_classes, generator.null_class, num_per_class, classes, num_samples)
     policy_module = None
@@ -550,9 +496,7 @@ def sample_to_folder(
         module.to(dev)
         sampler = module.sampler()
         sampler.channels_last_decode = channels_last_decode
-        policy = None
-        if policy_module is not None:
-            policy = policy_module.to(dev).policy()
+        policy = policy_module.to(dev).policy() if policy_module is not None else None
         spec, edit_record, ref = None, None, None
         if edit is not None:
             spec, edit_record, ref = build_edit(edit, tokenizer, schedule, image, mask, keep_box, keep_scales)
@@ -708,12 +652,6 @@ def _describe(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
-def _option_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(sample_to_folder)
-    hints.update(typing.get_type_hints(SamplingConfig))
-    return hints
-
-
 def _parse_error(e: Exception) -> str:
     """jsonargparse's multi-line report of a bad value -> one line naming the option, the value and what it takes."""
     text = str(e)
@@ -724,7 +662,7 @@ def _parse_error(e: Exception) -> str:
     given = re.search(r"(?:Given value|Got value): (.*)$", text, re.M)
     if given is None:  # not a type mismatch, e.g. a --config file that does not exist
         return f"--{key.group(1)}: {text[key.end():].splitlines()[0]}"
-    tp = _option_types().get(key.group(1))
+    tp = {**typing.get_type_hints(sample_to_folder), **typing.get_type_hints(SamplingConfig)}.get(key.group(1))
     expected = f"; it takes {_describe(tp)}" if tp is not None else ""
     return f"--{key.group(1)} {given.group(1)!r} is not valid{expected}"
 
