@@ -12,34 +12,39 @@ name defaults to the config's path below ``experiments/`` (``experiments/digits/
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import itertools
 import os
 import re
 import signal
 import sys
 import threading
 import warnings
+from argparse import ArgumentError
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from argparse import ArgumentError
-
-from jsonargparse import CLI as ToolCLI
 import torch
-from jsonargparse import set_parsing_settings
+from jsonargparse import CLI as ToolCLI
+from jsonargparse import Namespace, set_parsing_settings
+from jsonargparse._util import import_object
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .callbacks.ema import EMA
+from .callbacks.ema import EMA, ShardedEMA
+from .callbacks.throughput import Throughput
 from .checkpoint_io import AtomicCheckpointIO
 from .data.datamodule import ShardDataModule
 from .data.index import ShardIndex
-from .data.pack import pack_digits, pack_image_folder
+from .data.pack import PackError, pack_digits, pack_image_folder
 
 DEFAULT_RUN_ROOT = "runs"
 
@@ -50,9 +55,7 @@ class RunConfigSaver(SaveConfigCallback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         log_dir = trainer.log_dir
         if log_dir is not None and (Path(log_dir) / self.config_filename).exists():
-            n = 1
-            while (Path(log_dir) / f"config.resume-{n}.yaml").exists():
-                n += 1
+            n = next(n for n in itertools.count(1) if not (Path(log_dir) / f"config.resume-{n}.yaml").exists())
             self.config_filename = f"config.resume-{n}.yaml"
         super().setup(trainer, pl_module, stage)
 
@@ -159,8 +162,6 @@ class RunCheckpoint(ModelCheckpoint):
         super()._save_checkpoint(trainer, filepath)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
         # Lightning raises SIGTERMException at the end of a step: the state is whole, so it is saved
         if isinstance(exception, SIGTERMException) and not trainer.sanity_checking \
                 and self._last_global_step_saved != trainer.global_step:
@@ -228,7 +229,7 @@ class SRDDCLI(LightningCLI):
 
     def _check_resume(self, cfg) -> None:
         """Refuse to resume a checkpoint of another stage, or a generator with another tokenizer (naming both)."""
-        from .loading import CKPT_TOKENIZER_KEY, read_checkpoint, resolve_tokenizer_checkpoint, stage_class
+        from .loading import CKPT_TOKENIZER_KEY, load_tokenizer, read_checkpoint, resolve_tokenizer_checkpoint, stage_class
 
         file, ckpt = read_checkpoint(cfg.ckpt_path, "--ckpt_path")
         theirs, ours = stage_class(ckpt), cfg.model.class_path if cfg.get("model") else None
@@ -240,8 +241,6 @@ class SRDDCLI(LightningCLI):
         if recorded and given:
             given_file = resolve_tokenizer_checkpoint(given)
             if given_file.resolve() != Path(recorded["abspath"]).resolve():
-                from .loading import load_tokenizer
-
                 _, info = load_tokenizer(given_file)
                 if info["fingerprint"] != recorded["fingerprint"]:
                     raise ValueError(
@@ -267,9 +266,6 @@ class SRDDCLI(LightningCLI):
 
     def _fill_model_from_data(self, cfg) -> None:
         """Give the model what the packed data defines (``num_classes``, ``image_size``) unless set by hand."""
-        from jsonargparse import Namespace
-        from jsonargparse._util import import_object
-
         model_cls = import_object(cfg.model.class_path)
         params = inspect.signature(model_cls.__init__).parameters
         index = ShardIndex.load(cfg.data.root, tokens=None)
@@ -298,10 +294,6 @@ class SRDDCLI(LightningCLI):
             check(init_args.as_dict())
 
     def after_instantiate_classes(self) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        from .callbacks.ema import ShardedEMA
-
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
@@ -309,10 +301,6 @@ class SRDDCLI(LightningCLI):
             cbs = self.trainer.callbacks
             cbs[:] = [ShardedEMA(cb.decay, cb.warmup) if type(cb) is EMA else cb for cb in cbs]
         if self.trainer.loggers:  # learning rates and throughput in every run's dashboard (need a logger)
-            from lightning.pytorch.callbacks import LearningRateMonitor
-
-            from .callbacks.throughput import Throughput
-
             cbs = self.trainer.callbacks
             have = {type(cb) for cb in cbs}
             extra = [cb for cb in (LearningRateMonitor(logging_interval="step"), Throughput()) if type(cb) not in have]
@@ -322,15 +310,8 @@ class SRDDCLI(LightningCLI):
 
 # ----------------------------------------------------------------------------- tools outside LightningCLI
 
-# name -> (help line, "module:function" taking argv); imported only when used, so `srdd fit` stays lean.
-TOOLS: dict[str, tuple[str, str]] = {}
-
-
 def _data_tool(argv: Sequence[str]) -> None:
     """``srdd data digits|folder|tokenize``: a user's mistake (option, folder, existing pack) is one line, exit code 2."""
-    from argparse import ArgumentError
-
-    from .data.pack import PackError
     from .data.tokens import tokenize
 
     prog = "srdd data"
@@ -356,13 +337,16 @@ def _data_tool(argv: Sequence[str]) -> None:
         print(index.summary())
 
 
-TOOLS["data"] = ("pack the built-in digits or an image folder into shards; tokenize them (a token cache)",
-                 "srdd_lightning.cli:_data_tool")
-TOOLS["sample"] = ("sample a trained generator into PNGs, grid.png and samples.npz (also editing)",
-                   "srdd_lightning.sampling.sample_cli:main")
-TOOLS["evaluate"] = ("score samples (folder or npz): FID, IS, precision/recall, class accuracy",
-                     "srdd_lightning.evaluation:evaluate_tool")
-TOOLS["classifier"] = ("train the digits classifier behind the digits FID", "srdd_lightning.evaluation:classifier_tool")
+# name -> (help line, "module:function" taking argv); imported only when used, so `srdd fit` stays lean.
+TOOLS: dict[str, tuple[str, str]] = {
+    "data": ("pack the built-in digits or an image folder into shards; tokenize them (a token cache)",
+             "srdd_lightning.cli:_data_tool"),
+    "sample": ("sample a trained generator into PNGs, grid.png and samples.npz (also editing)",
+               "srdd_lightning.sampling.sample_cli:main"),
+    "evaluate": ("score samples (folder or npz): FID, IS, precision/recall, class accuracy",
+                 "srdd_lightning.evaluation:evaluate_tool"),
+    "classifier": ("train the digits classifier behind the digits FID", "srdd_lightning.evaluation:classifier_tool"),
+}
 
 LIGHTNING_SUBCOMMANDS = {
     "fit": "train a stage (model.class_path picks it) on packed shards",
@@ -406,8 +390,6 @@ def main(args: Sequence[str] | None = None) -> None:
         _fail("there is no srdd predict: images come from `srdd sample --ckpt RUN --out DIR` (srdd sample --help)", 2)
     if argv[0] not in LIGHTNING_SUBCOMMANDS:
         _fail(f"unknown command {argv[0]!r}; the commands are {', '.join([*LIGHTNING_SUBCOMMANDS, *TOOLS])} (srdd --help)", 2)
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docs become --help text
     try:
         if {"-h", "--help"} & set(argv) and "--config" in argv:
@@ -448,10 +430,8 @@ def _help_with_stage(argv: list[str]) -> None:
     """``srdd fit --config CFG --help``: LightningCLI's help, then the options of the stage CFG selects."""
     import yaml
 
-    try:
+    with contextlib.suppress(SystemExit):  # LightningCLI's help exits
         SRDDCLI(args=argv)
-    except SystemExit:
-        pass
     configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
     class_path = None
     for c in configs:
