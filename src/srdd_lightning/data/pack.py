@@ -127,20 +127,15 @@ def _gray_to_8bit(img: Image.Image, name: str) -> Image.Image:
 
     Pillow's own conversion clips these to 0..255, so a 16-bit photo would pack as white.
     """
-    arr = np.asarray(img)
     if img.mode == "F":
-        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0)
-        lo, hi = 0.0, 1.0
-    else:
-        arr = arr.astype(np.int64)
-        lo, hi = 0, 65535  # mode I comes from 16-bit PNG/TIFF files: read it as 16-bit too
+        arr, lo, hi = np.nan_to_num(np.asarray(img).astype(np.float64), nan=0.0), 0.0, 1.0
+        gray = np.round(np.clip(arr, lo, hi) * 255.0).astype(np.uint8)
+    else:  # mode I comes from 16-bit PNG/TIFF files: read it as 16-bit too
+        arr, lo, hi = np.asarray(img).astype(np.int64), 0, 65535
+        gray = ((np.clip(arr, lo, hi) * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
     if arr.size and (arr.min() < lo or arr.max() > hi):
         log.warning("%s: pixel values span [%s, %s], outside the %s..%s of its mode %s; clipped",
                     name, arr.min(), arr.max(), lo, hi, img.mode)
-    if img.mode == "F":
-        gray = np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
-    else:
-        gray = ((np.clip(arr, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
     out = Image.fromarray(gray)
     t = img.info.get("transparency")
     if isinstance(t, int) and img.mode != "F":
@@ -148,17 +143,14 @@ def _gray_to_8bit(img: Image.Image, name: str) -> Image.Image:
     return out
 
 
-def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
-    """Shorter side to ``resolution`` (bicubic, antialiased), then a centered square crop."""
-    return ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
-
-
 def load_image(path: Path, resolution: int) -> tuple[Image.Image, bool]:
-    """``path`` as RGB at ``resolution`` (EXIF orientation applied), and whether it had to be upscaled."""
+    """``path`` as RGB (EXIF orientation applied), its shorter side resized to ``resolution`` (bicubic,
+    antialiased) and center-cropped to a square, and whether it had to be upscaled."""
     with Image.open(path) as im:
         im.load()
         im = ImageOps.exif_transpose(im)  # phone photos store "rotate 90°" as a tag, not in the pixels
-        return resize_center_crop(to_rgb(im, str(path)), resolution), min(im.size) < resolution
+        img = ImageOps.fit(to_rgb(im, str(path)), (resolution, resolution), method=Image.Resampling.BICUBIC)
+        return img, min(im.size) < resolution
 
 
 def _unreadable(path: Path) -> str | None:
