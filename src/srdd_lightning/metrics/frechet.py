@@ -24,7 +24,7 @@ class FeatureStats:
         if feature_dim <= 0:
             raise ValueError(f"feature_dim must be positive, got {feature_dim}")
         self.feature_dim = int(feature_dim)
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        device = torch.device(device if device is not None else "cpu")
         self.count = torch.zeros((), dtype=torch.int64, device=device)
         self.sum_D = torch.zeros(feature_dim, dtype=torch.float64, device=device)
         self.outer_DD = torch.zeros(feature_dim, feature_dim, dtype=torch.float64, device=device)
@@ -50,9 +50,7 @@ class FeatureStats:
         """Add a batch of features (N, D); returns self."""
         features_ND = torch.as_tensor(features_ND)
         if features_ND.ndim != 2 or features_ND.shape[1] != self.feature_dim:
-            raise ValueError(
-                f"expected features of shape (N, {self.feature_dim}), got {tuple(features_ND.shape)}"
-            )
+            raise ValueError(f"expected features of shape (N, {self.feature_dim}), got {tuple(features_ND.shape)}")
         x_ND = features_ND.detach().to(device=self.device, dtype=torch.float64)
         if not torch.isfinite(x_ND).all():
             raise ValueError("features contain NaN or Inf; refusing to corrupt the statistics")
@@ -93,8 +91,7 @@ class FeatureStats:
     @property
     def cov(self) -> torch.Tensor:
         """Unbiased covariance S = (sum x x^T - n mu mu^T) / (n - 1), float64 (D, D)."""
-        n = self.n
-        if n < 2:
+        if (n := self.n) < 2:
             raise ValueError(f"a covariance needs at least 2 samples, got {n}")
         mu_D = self.sum_D / n
         cov_DD = (self.outer_DD - n * torch.outer(mu_D, mu_D)) / (n - 1)
@@ -104,19 +101,9 @@ class FeatureStats:
         """Fréchet distance between the Gaussians fitted to self and other."""
         return frechet_distance(self.mean, self.cov, other.mean, other.cov)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"count": self.count.clone(), "sum_D": self.sum_D.clone(), "outer_DD": self.outer_DD.clone()}
-
-    def reset(self) -> None:
-        self.count.zero_()
-        self.sum_D.zero_()
-        self.outer_DD.zero_()
-
 
 def _as_float64(x: ArrayLike) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
+    return np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
 
 
 def _sqrtm_trace(a_DD: np.ndarray) -> tuple[float, float, bool]:
@@ -127,22 +114,15 @@ def _sqrtm_trace(a_DD: np.ndarray) -> tuple[float, float, bool]:
     return float(np.trace(root).real), max_imag, finite
 
 
-def frechet_distance(
-    mu1: ArrayLike,
-    sigma1: ArrayLike,
-    mu2: ArrayLike,
-    sigma2: ArrayLike,
-    eps: float = 1e-6,
-    imag_atol: float = 1e-3,
-) -> float:
+def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike, eps: float = 1e-6,
+                     imag_atol: float = 1e-3) -> float:
     """d^2 = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2)), in float64.
 
     sqrtm(S1 S2) of two PSD matrices has a real spectrum; round-off gives it a tiny imaginary
     part, which is dropped. When it is non-finite or clearly complex (near-singular covariances,
     e.g. fewer samples than dimensions), both covariances get `eps * I` added, with a warning.
     """
-    mu1, mu2 = _as_float64(mu1), _as_float64(mu2)
-    sigma1, sigma2 = _as_float64(sigma1), _as_float64(sigma2)
+    mu1, sigma1, mu2, sigma2 = map(_as_float64, (mu1, sigma1, mu2, sigma2))
     if mu1.ndim != 1 or mu1.shape != mu2.shape:
         raise ValueError(f"means must be 1-D of equal length, got {mu1.shape} and {mu2.shape}")
     d = mu1.shape[0]
@@ -157,10 +137,7 @@ def frechet_distance(
         warnings.warn(
             f"frechet_distance: sqrtm(S1 S2) is {'not finite' if not finite else f'complex (|imag| {max_imag:.3g})'}; "
             f"the covariances are near-singular (too few samples for {d} dims?). "
-            f"Retrying with {eps:g} * I added to both; the value is approximate.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+            f"Retrying with {eps:g} * I added to both; the value is approximate.", RuntimeWarning, stacklevel=2)
         offset = eps * np.eye(d)
         tr_covmean, max_imag, finite = _sqrtm_trace((sigma1 + offset) @ (sigma2 + offset))
         if not finite or max_imag > imag_atol:
