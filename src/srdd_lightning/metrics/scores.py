@@ -16,27 +16,16 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
 TORCH_FIDELITY_SEED = 2020  # torch-fidelity's rng_seed: IS shuffle and KID subsets
+Array = np.ndarray | torch.Tensor
 
 
-class InceptionScore(NamedTuple):
-    mean: float
-    std: float
-    splits: int
+InceptionScore = NamedTuple("InceptionScore", [("mean", float), ("std", float), ("splits", int)])
+KernelInceptionDistance = NamedTuple("KernelInceptionDistance", [("mean", float), ("std", float),
+                                                                 ("subset_size", int), ("subsets", int)])
+PrecisionRecall = NamedTuple("PrecisionRecall", [("precision", float), ("recall", float)])
 
 
-class KernelInceptionDistance(NamedTuple):
-    mean: float
-    std: float
-    subset_size: int
-    subsets: int
-
-
-class PrecisionRecall(NamedTuple):
-    precision: float
-    recall: float
-
-
-def _as_2d(x: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
+def _as_2d(x: Array, name: str) -> torch.Tensor:
     """float64 (N, D) on the CPU; torch-fidelity only asserts shapes (gone under python -O) and checks no values."""
     x = torch.as_tensor(x).detach()
     if x.ndim != 2:
@@ -46,43 +35,38 @@ def _as_2d(x: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     return x.to(device="cpu", dtype=torch.float64)
 
 
-def _same_dim(real_ND: torch.Tensor, fake_MD: torch.Tensor) -> None:
+def _real_fake(real_ND: Array, fake_MD: Array) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both feature sets through `_as_2d`, checked to share their dimension."""
+    real_ND, fake_MD = _as_2d(real_ND, "real features"), _as_2d(fake_MD, "fake features")
     if real_ND.shape[1] != fake_MD.shape[1]:
         raise ValueError(f"feature dims differ: real {real_ND.shape[1]} vs fake {fake_MD.shape[1]}")
+    return real_ND, fake_MD
 
 
-def inception_score(
-    logits_NK: np.ndarray | torch.Tensor, splits: int = 10, shuffle_seed: int | None = TORCH_FIDELITY_SEED
-) -> InceptionScore:
+def inception_score(logits_NK: Array, splits: int = 10,
+                    shuffle_seed: int | None = TORCH_FIDELITY_SEED) -> InceptionScore:
     """IS = exp(E_x KL(p(y|x) || p(y))) per split, mean and std over `splits` (torch-fidelity, float64).
 
     Shuffled with `shuffle_seed` before splitting (None: contiguous splits); samples sorted by class would
     otherwise put one class in each split and give an IS near 1.
     """
     logits_NK = _as_2d(logits_NK, "logits")
-    n = logits_NK.shape[0]
-    if splits < 1 or n < splits:
+    if splits < 1 or (n := logits_NK.shape[0]) < splits:
         raise ValueError(f"inception_score needs 1 <= splits <= N, got splits={splits}, N={n}")
     out = isc_features_to_metric(logits_NK, splits=splits, shuffle=shuffle_seed is not None,
                                  rng_seed=shuffle_seed or 0)  # fmt: skip
     return InceptionScore(out["inception_score_mean"], out["inception_score_std"], splits)
 
 
-def kernel_inception_distance(
-    real_features_ND: np.ndarray | torch.Tensor,
-    fake_features_MD: np.ndarray | torch.Tensor,
-    subset_size: int = 1000,
-    subsets: int = 100,
-    seed: int = TORCH_FIDELITY_SEED,
-) -> KernelInceptionDistance:
+def kernel_inception_distance(real_features_ND: Array, fake_features_MD: Array, subset_size: int = 1000,
+                              subsets: int = 100, seed: int = TORCH_FIDELITY_SEED) -> KernelInceptionDistance:
     """Unbiased MMD^2, kernel (x.y / D + 1)^3, mean and std over `subsets` random subsets (torch-fidelity, float64).
 
     The subset size is min(`subset_size`, N_real, N_fake): 1000 (torch-fidelity's and the KID paper's) when both
     sets allow it, else the smaller set, so that a few hundred samples still get a KID. The estimate is unbiased
     at any subset size; only its spread grows as the subsets shrink.
     """
-    real_ND, fake_MD = _as_2d(real_features_ND, "real features"), _as_2d(fake_features_MD, "fake features")
-    _same_dim(real_ND, fake_MD)
+    real_ND, fake_MD = _real_fake(real_features_ND, fake_features_MD)
     size = min(subset_size, real_ND.shape[0], fake_MD.shape[0])
     if size < 2 or subsets < 1:
         raise ValueError(f"KID needs subsets >= 1 and at least 2 samples in each set, got subsets={subsets}, "
@@ -93,19 +77,14 @@ def kernel_inception_distance(
                                    size, subsets)  # fmt: skip
 
 
-def precision_recall(
-    real_features_ND: np.ndarray | torch.Tensor,
-    fake_features_MD: np.ndarray | torch.Tensor,
-    k: int = 3,
-    batch_size: int = 1024,
-) -> PrecisionRecall:
+def precision_recall(real_features_ND: Array, fake_features_MD: Array, k: int = 3,
+                     batch_size: int = 1024) -> PrecisionRecall:
     """Improved precision/recall (Kynkäänniemi et al. 2019) with k-NN hypersphere manifolds (torch-fidelity, float64).
 
     precision = share of fakes inside the real manifold, recall = share of reals inside the fake manifold.
     Distances `batch_size` rows at a time (torch-fidelity's save_cpu_ram path): memory O(batch_size * N).
     """
-    real_ND, fake_MD = _as_2d(real_features_ND, "real features"), _as_2d(fake_features_MD, "fake features")
-    _same_dim(real_ND, fake_MD)
+    real_ND, fake_MD = _real_fake(real_features_ND, fake_features_MD)
     n, m = real_ND.shape[0], fake_MD.shape[0]
     if k < 1 or min(n, m) <= k:
         raise ValueError(f"k-NN manifolds need 1 <= k < N for both sets, got k={k}, N_real={n}, N_fake={m}")
@@ -115,13 +94,9 @@ def precision_recall(
     return PrecisionRecall(round(out["precision"] * m) / m, round(out["recall"] * n) / n)
 
 
-def class_consistency_accuracy(
-    logits_or_pred: np.ndarray | torch.Tensor, requested_labels_N: np.ndarray | torch.Tensor
-) -> float:
-    """Share of conditional samples whose predicted class equals the class they were asked for.
-
-    `logits_or_pred`: logits (N, K) from the extractor's classifier head, or predicted classes (N,).
-    """
+def class_consistency_accuracy(logits_or_pred: Array, requested_labels_N: Array) -> float:
+    """Share of conditional samples whose predicted class (argmax of logits (N, K), or classes (N,)) is the one
+    they were asked for."""
     pred = torch.as_tensor(logits_or_pred).detach().cpu()
     labels_N = torch.as_tensor(requested_labels_N).detach().cpu().long()
     if pred.ndim == 2:
