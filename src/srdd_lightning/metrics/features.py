@@ -29,10 +29,8 @@ def check_uint8_images(img_B3HW: torch.Tensor) -> None:
     """Raise a clear error unless `img_B3HW` is a uint8 (B, 3, H, W) tensor."""
     if not isinstance(img_B3HW, torch.Tensor) or img_B3HW.dtype != torch.uint8:
         got = img_B3HW.dtype if isinstance(img_B3HW, torch.Tensor) else type(img_B3HW).__name__
-        raise TypeError(
-            f"feature extractors take uint8 images in [0, 255], got {got}; "
-            "convert [-1, 1] floats with ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)"
-        )
+        raise TypeError(f"feature extractors take uint8 images in [0, 255], got {got}; "
+                        "convert [-1, 1] floats with ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)")
     if img_B3HW.ndim != 4 or img_B3HW.shape[1] != 3:
         raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(img_B3HW.shape)}")
 
@@ -71,43 +69,32 @@ class FeatureExtractor(nn.Module):
 
     def logits(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         """Class logits (B, num_classes); only for extractors with a classifier head."""
-        raise TypeError(f"feature extractor {self.name!r} has no class logits (no IS / class accuracy); check has_logits")
+        if not self.has_logits:
+            raise TypeError(f"feature extractor {self.name!r} has no class logits (no IS / class accuracy); "
+                            "check has_logits")
+        return self.features_and_logits(img_B3HW)[1]
 
 
-# ---------------------------------------------------------------------------------------------
-# Inception-v3 (torch-fidelity's TF-compatible port)
-# ---------------------------------------------------------------------------------------------
+# --- Inception-v3 (torch-fidelity's TF-compatible port) ---
 
 
 def resolve_inception_weights(weights_path: str | os.PathLike | None = None) -> Path:
-    """Find the Inception weights file without downloading.
-
-    Order: `weights_path`; the env var SRDD_INCEPTION_WEIGHTS; torch.hub's cache
-    `$TORCH_HOME/hub/checkpoints/<file>` (default ~/.cache/torch/hub/checkpoints), where an earlier
-    torch-fidelity download would sit. Raises FileNotFoundError naming the file and the option.
-    """
-    how = (
-        f"Set {INCEPTION_WEIGHTS_OPTION} (or the env var {INCEPTION_WEIGHTS_ENV}) to a local copy of "
-        f"{INCEPTION_WEIGHTS_FILE} (95,628,359 bytes, torch-fidelity's inception-v3-compat weights, "
-        f"published at {INCEPTION_WEIGHTS_URL}); nothing is downloaded at run time."
-    )
-    if weights_path is not None:
-        path = Path(weights_path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"Inception weights not found at {path} (given explicitly). {how}")
-        return path
-    env = os.environ.get(INCEPTION_WEIGHTS_ENV)
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"Inception weights not found at {path} (from ${INCEPTION_WEIGHTS_ENV}). {how}")
-        return path
+    """The Inception weights file, never downloaded: `weights_path`, else $SRDD_INCEPTION_WEIGHTS, else torch.hub's
+    cache `$TORCH_HOME/hub/checkpoints/<file>` (where an earlier torch-fidelity download would sit)."""
+    how = (f"Set {INCEPTION_WEIGHTS_OPTION} (or the env var {INCEPTION_WEIGHTS_ENV}) to a local copy of "
+           f"{INCEPTION_WEIGHTS_FILE} (95,628,359 bytes, torch-fidelity's inception-v3-compat weights, "
+           f"published at {INCEPTION_WEIGHTS_URL}); nothing is downloaded at run time.")
+    for given, source in ((weights_path, "given explicitly"),
+                          (os.environ.get(INCEPTION_WEIGHTS_ENV) or None, f"from ${INCEPTION_WEIGHTS_ENV}")):
+        if given is not None:
+            if not (path := Path(given).expanduser()).is_file():
+                raise FileNotFoundError(f"Inception weights not found at {path} ({source}). {how}")
+            return path
     hub_path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
     if hub_path.is_file():
         return hub_path
-    raise FileNotFoundError(
-        f"Inception weights file {INCEPTION_WEIGHTS_FILE} not found (also looked in {hub_path}). {how}"
-    )
+    raise FileNotFoundError(f"Inception weights file {INCEPTION_WEIGHTS_FILE} not found (also looked in {hub_path}). "
+                            f"{how}")
 
 
 def _check_inception_state_dict(path: Path) -> None:
@@ -127,11 +114,8 @@ def _check_inception_state_dict(path: Path) -> None:
 
 
 class InceptionV3Extractor(FeatureExtractor):
-    """torch-fidelity's `inception-v3-compat`: 2048-d pool features and 1008 'logits_unbiased'.
-
-    Resizes any input to 299x299 with TF1-compatible bilinear interpolation (inside torch-fidelity),
-    as the reference TF implementation of FID/IS does.
-    """
+    """torch-fidelity's `inception-v3-compat`: 2048-d pool features and 1008 'logits_unbiased'; it resizes any input
+    to 299x299 with TF1-compatible bilinear interpolation, as the reference TF implementation of FID/IS does."""
 
     name = "inception-v3-compat"
     feature_dim = 2048
@@ -145,9 +129,8 @@ class InceptionV3Extractor(FeatureExtractor):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         self.weights_path = path
-        self.net = FeatureExtractorInceptionV3(
-            self.name, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path), verbose=False
-        )
+        self.net = FeatureExtractorInceptionV3(self.name, ["2048", "logits_unbiased"],
+                                               feature_extractor_weights_path=str(path), verbose=False)
 
     @torch.no_grad()
     def features_and_logits(self, img_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,36 +141,18 @@ class InceptionV3Extractor(FeatureExtractor):
     def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         return self.features_and_logits(img_B3HW)[0]
 
-    def logits(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        return self.features_and_logits(img_B3HW)[1]
 
-
-# ---------------------------------------------------------------------------------------------
-# Digits classifier (built-in dataset)
-# ---------------------------------------------------------------------------------------------
-
-
-def _fingerprint(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:10]
+# --- Digits classifier (built-in dataset) ---
 
 
 class DigitsClassifierExtractor(FeatureExtractor):
-    """The framework's digit classifier: penultimate features and 10 logits.
-
-    uint8 input is mapped to [-1, 1] and resized (bilinear, antialiased) to the resolution the
-    classifier was trained at, when it differs.
-    """
+    """The framework's digit classifier: penultimate features and 10 logits of uint8 input mapped to [-1, 1] and
+    resized (bilinear, antialiased) to the resolution the classifier was trained at, when it differs."""
 
     name = "digits-classifier"
 
-    def __init__(
-        self, checkpoint_path: str | os.PathLike | None = None, model: DigitsClassifier | None = None,
-        meta: dict | None = None,
-    ):  # fmt: skip
+    def __init__(self, checkpoint_path: str | os.PathLike | None = None, model: DigitsClassifier | None = None,
+                 meta: dict | None = None):
         super().__init__()
         if (checkpoint_path is None) == (model is None):
             raise ValueError("DigitsClassifierExtractor needs exactly one of checkpoint_path or model")
@@ -200,7 +165,11 @@ class DigitsClassifierExtractor(FeatureExtractor):
         self.feature_dim = model.config.feature_dim
         self.input_resolution = model.config.resolution
         self.num_classes = model.config.num_classes
-        self._fingerprint = _fingerprint(model)
+        h = hashlib.sha256()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        self._fingerprint = h.hexdigest()[:10]
 
     @property
     def cache_key(self) -> str:
@@ -224,18 +193,11 @@ class DigitsClassifierExtractor(FeatureExtractor):
     def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         return self.model.features(self._prepare(img_B3HW))
 
-    def logits(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        return self.features_and_logits(img_B3HW)[1]
 
+# --- Registry ---
 
-# ---------------------------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------------------------
-
-FEATURE_EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {
-    "inception-v3-compat": InceptionV3Extractor,
-    "digits-classifier": DigitsClassifierExtractor,
-}
+FEATURE_EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {"inception-v3-compat": InceptionV3Extractor,
+                                                                  "digits-classifier": DigitsClassifierExtractor}
 
 
 def register_feature_extractor(name: str, factory: Callable[..., FeatureExtractor]) -> None:
@@ -246,10 +208,8 @@ def register_feature_extractor(name: str, factory: Callable[..., FeatureExtracto
 
 
 def build_feature_extractor(name: str, **kwargs) -> FeatureExtractor:
-    """Build a registered extractor by name.
-
-    'inception-v3-compat' takes `weights_path=`, 'digits-classifier' `checkpoint_path=` (or `model=`).
-    """
+    """Build a registered extractor: 'inception-v3-compat' takes `weights_path=`, 'digits-classifier'
+    `checkpoint_path=` (or `model=`)."""
     if name not in FEATURE_EXTRACTORS:
         raise KeyError(f"unknown feature extractor {name!r}; available: {sorted(FEATURE_EXTRACTORS)}")
     return FEATURE_EXTRACTORS[name](**kwargs)
