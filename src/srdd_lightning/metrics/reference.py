@@ -44,48 +44,30 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "unnamed"
 
 
-def reference_cache_path(
-    cache_dir: str | os.PathLike, dataset_name: str, extractor_key: str, resolution: int, num_images: int | None = None
-) -> Path:
+def reference_cache_path(cache_dir: str | os.PathLike, dataset_name: str, extractor_key: str, resolution: int,
+                         num_images: int | None = None) -> Path:
     """`<cache_dir>/<dataset>-<extractor>-<res>px.npz`, with `-n<num_images>` when a subset is used."""
     suffix = f"-n{num_images}" if num_images is not None else ""
     return Path(cache_dir) / f"{_safe(dataset_name)}-{_safe(extractor_key)}-{int(resolution)}px{suffix}.npz"
 
 
-def _first_tensor(batch) -> torch.Tensor:
-    if isinstance(batch, (tuple, list)):
-        batch = batch[0]
-    if isinstance(batch, dict):
-        batch = batch["image"]
-    return batch
-
-
 @torch.no_grad()
-def compute_reference_stats(
-    extractor: FeatureExtractor,
-    images: Iterable,
-    resolution: int,
-    num_images: int | None = None,
-    max_stored_features: int = 10_000,
-    seed: int = 0,
-) -> tuple[FeatureStats, np.ndarray]:
-    """Stream uint8 batches (B, 3, res, res) — or (images, labels, ...) tuples — through `extractor`.
-
-    Returns the statistics and a uniform random subsample (reservoir sampling, `seed`) of at most
-    `max_stored_features` features. Stops after `num_images` when given.
-    """
+def compute_reference_stats(extractor: FeatureExtractor, images: Iterable, resolution: int,
+                            num_images: int | None = None, max_stored_features: int = 10_000,
+                            seed: int = 0) -> tuple[FeatureStats, np.ndarray]:
+    """Stream uint8 batches (B, 3, res, res) — or (images, labels, ...) tuples — through `extractor` (the first
+    `num_images`); the statistics and a uniform subsample (reservoir sampling, `seed`) of <= `max_stored_features`."""
     stats = FeatureStats(extractor.feature_dim)
     rng = np.random.default_rng(seed)
     reservoir: np.ndarray | None = None
     seen = 0
     for batch in images:
-        img_B3HW = _first_tensor(batch)
+        img_B3HW = batch[0] if isinstance(batch, (tuple, list)) else batch
+        img_B3HW = img_B3HW["image"] if isinstance(img_B3HW, dict) else img_B3HW
         check_uint8_images(img_B3HW)
         if tuple(img_B3HW.shape[-2:]) != (resolution, resolution):
-            raise ValueError(
-                f"reference images are {tuple(img_B3HW.shape[-2:])}, but the statistics are keyed to "
-                f"{resolution}x{resolution}; pass the resolution the images really have"
-            )
+            raise ValueError(f"reference images are {tuple(img_B3HW.shape[-2:])}, but the statistics are keyed to "
+                             f"{resolution}x{resolution}; pass the resolution the images really have")
         if num_images is not None:
             img_B3HW = img_B3HW[: num_images - seen]
         features_BD = extractor(img_B3HW).detach().double().cpu()
@@ -95,12 +77,8 @@ def compute_reference_stats(
             reservoir = np.empty((max_stored_features, f_np.shape[1]), dtype=np.float32)
         for j, row in enumerate(f_np):  # reservoir sampling: item t is kept with probability K / (t + 1)
             t = seen + j
-            if t < max_stored_features:
-                reservoir[t] = row
-            else:
-                slot = rng.integers(0, t + 1)
-                if slot < max_stored_features:
-                    reservoir[slot] = row
+            if (slot := t if t < max_stored_features else rng.integers(0, t + 1)) < max_stored_features:
+                reservoir[slot] = row
         seen += img_B3HW.shape[0]
         if num_images is not None and seen >= num_images:
             break
@@ -128,11 +106,8 @@ def load_reference_stats(path: str | os.PathLike) -> ReferenceStats:
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
-            ref = ReferenceStats(
-                mu_D=z["mu"], sigma_DD=z["sigma"], count=int(meta["count"]), dataset=meta["dataset"],
-                extractor=meta["extractor"], resolution=int(meta["resolution"]),
-                features_ND=z["features"] if "features" in z.files else None, path=path,
-            )
+            ref = ReferenceStats(z["mu"], z["sigma"], int(meta["count"]), meta["dataset"], meta["extractor"],
+                                 int(meta["resolution"]), z["features"] if "features" in z.files else None, path)
     except FileNotFoundError:
         raise
     except Exception as e:
@@ -142,21 +117,13 @@ def load_reference_stats(path: str | os.PathLike) -> ReferenceStats:
     return ref
 
 
-def reference_stats(
-    dataset_name: str,
-    resolution: int,
-    extractor: FeatureExtractor,
-    images_iter_fn: Callable[[], Iterable],
-    cache_dir: str | os.PathLike,
-    num_images: int | None = None,
-    max_stored_features: int = 10_000,
-    recompute: bool = False,
-) -> ReferenceStats:
-    """Load the cached statistics for (dataset, extractor, resolution[, num_images]) or compute and cache them.
+def reference_stats(dataset_name: str, resolution: int, extractor: FeatureExtractor,
+                    images_iter_fn: Callable[[], Iterable], cache_dir: str | os.PathLike, num_images: int | None = None,
+                    max_stored_features: int = 10_000, recompute: bool = False) -> ReferenceStats:
+    """The cached statistics for (dataset, extractor, resolution[, num_images]), computed and cached on a miss.
 
-    `images_iter_fn()` must return an iterable of uint8 (B, 3, res, res) batches (or tuples whose
-    first item is one); it is called only on a cache miss. A cached file whose metadata disagrees
-    with the request raises a ValueError (delete it, or pass recompute=True).
+    `images_iter_fn()` returns an iterable of uint8 (B, 3, res, res) batches (or tuples whose first item is one); it is
+    called only on a cache miss. A cached file disagreeing with the request is a ValueError (delete it, or recompute).
     """
     path = reference_cache_path(cache_dir, dataset_name, extractor.cache_key, resolution, num_images)
     if path.is_file() and not recompute:
@@ -176,13 +143,9 @@ def reference_stats(
             raise ValueError(f"cached reference statistics {path} do not match the request: {', '.join(problems)}; "
                              "delete the file to recompute it")
         return ref
-
-    stats, features_ND = compute_reference_stats(
-        extractor, images_iter_fn(), resolution, num_images=num_images, max_stored_features=max_stored_features
-    )
-    ref = ReferenceStats(
-        mu_D=stats.mean.numpy(), sigma_DD=stats.cov.numpy(), count=stats.n, dataset=dataset_name,
-        extractor=extractor.cache_key, resolution=int(resolution), features_ND=features_ND, path=path,
-    )
+    stats, features_ND = compute_reference_stats(extractor, images_iter_fn(), resolution, num_images=num_images,
+                                                 max_stored_features=max_stored_features)
+    ref = ReferenceStats(stats.mean.numpy(), stats.cov.numpy(), stats.n, dataset_name, extractor.cache_key,
+                         int(resolution), features_ND, path)
     save_reference_stats(path, ref)
     return ref
