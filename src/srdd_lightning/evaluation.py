@@ -32,22 +32,13 @@ import torch
 
 from srdd_lightning.data.index import ShardIndex
 from srdd_lightning.data.stream import ValShards
-from srdd_lightning.metrics import (
-    FEATURE_EXTRACTORS,
-    DigitsClassifierExtractor,
-    FeatureExtractor,
-    FeatureStats,
-    ReferenceStats,
-    build_feature_extractor,
-    class_consistency_accuracy,
-    frechet_distance,
-    inception_score,
-    kernel_inception_distance,
-    precision_recall,
-    reference_stats,
-)
+from srdd_lightning.metrics import (FEATURE_EXTRACTORS, DigitsClassifierConfig, DigitsClassifierExtractor,
+                                    FeatureExtractor, FeatureStats, ReferenceStats, build_feature_extractor,
+                                    class_consistency_accuracy, frechet_distance, inception_score,
+                                    kernel_inception_distance, precision_recall, reference_stats, save_classifier,
+                                    train_digits_classifier)
 from srdd_lightning.utils.images import load_png, to_uint8
-from srdd_lightning.utils.io import write_json  # re-exported: table.py imports it from here
+from srdd_lightning.utils.io import write_json
 
 DEFAULT_CACHE_DIR = "runs/reference_stats"
 DEFAULT_CLASSIFIER = "runs/digits/classifier.pt"
@@ -62,36 +53,23 @@ class EvaluationError(ValueError):
     """Bad input to the evaluation (no samples, wrong size, unknown extractor, missing weights): a clear message."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Feature extractors from command-line options
-# ---------------------------------------------------------------------------------------------
+# --- Feature extractors from command-line options ---
 
 
-def extractor_from_options(
-    extractor: str,
-    classifier: str | os.PathLike | None = None,
-    inception_weights: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu",
-) -> FeatureExtractor:
+def extractor_from_options(extractor: str, classifier: str | os.PathLike | None = None,
+                           inception_weights: str | os.PathLike | None = None,
+                           device: str | torch.device = "cpu") -> FeatureExtractor:
     """Build the named extractor; errors name the missing file and the option that sets it."""
     if extractor not in FEATURE_EXTRACTORS:
         raise EvaluationError(f"unknown extractor {extractor!r} (--extractor); available: {sorted(FEATURE_EXTRACTORS)}")
-    if extractor == "digits-classifier":
-        if classifier is None:
-            raise EvaluationError(
-                "--extractor digits-classifier needs --classifier PATH (a checkpoint written by "
-                f"`srdd classifier --data data/digits --out {DEFAULT_CLASSIFIER}`)"
-            )
-        if not Path(classifier).is_file():
-            raise EvaluationError(
-                f"digits classifier checkpoint {classifier} (--classifier) not found; train it with "
-                f"`srdd classifier --data data/digits --out {classifier}`"
-            )
-        kwargs: dict[str, Any] = {"checkpoint_path": classifier}
-    elif extractor == "inception-v3-compat":
-        kwargs = {"weights_path": inception_weights}
-    else:
-        kwargs = {}
+    if extractor == "digits-classifier" and classifier is None:
+        raise EvaluationError("--extractor digits-classifier needs --classifier PATH (a checkpoint written by "
+                              f"`srdd classifier --data data/digits --out {DEFAULT_CLASSIFIER}`)")
+    if extractor == "digits-classifier" and not Path(classifier).is_file():
+        raise EvaluationError(f"digits classifier checkpoint {classifier} (--classifier) not found; train it with "
+                              f"`srdd classifier --data data/digits --out {classifier}`")
+    kwargs = {"digits-classifier": {"checkpoint_path": classifier},
+              "inception-v3-compat": {"weights_path": inception_weights}}.get(extractor, {})
     try:
         ext = build_feature_extractor(extractor, **kwargs)
     except (FileNotFoundError, ValueError) as e:  # missing, or not the weights file it claims to be
@@ -100,9 +78,8 @@ def extractor_from_options(
     return ext.to(device).eval()
 
 
-def check_extractor_fits(
-    ext: FeatureExtractor, index: ShardIndex, resolution: int, option: str = "--classifier"
-) -> None:
+def check_extractor_fits(ext: FeatureExtractor, index: ShardIndex, resolution: int,
+                         option: str = "--classifier") -> None:
     """Refuse a digits classifier trained on other data: another dataset, class count or resolution."""
     if not isinstance(ext, DigitsClassifierExtractor):
         return  # Inception is meant for any images
@@ -115,31 +92,16 @@ def check_extractor_fits(
     if trained_on is not None and trained_on != key:  # checkpoints written by hand may not record it
         problems.append(f"the dataset {trained_on} (the data is {key})")
     if problems:
-        raise EvaluationError(
-            f"digits classifier {ext.checkpoint_path or '(given as a model)'} ({option}) was trained for "
-            f"{', '.join(problems)}: its features do not describe {index.root}; train one on it with "
-            f"`srdd classifier --data {index.root} --out PATH`"
-        )
-
-
-def extractor_description(ext: FeatureExtractor) -> dict[str, Any]:
-    """What produced the features: name, the cache key (name + weights fingerprint), dims and the weights file."""
-    desc: dict[str, Any] = {"name": ext.name, "cache_key": ext.cache_key, "feature_dim": ext.feature_dim,
-                            "num_classes": ext.num_classes}  # fmt: skip
-    for attr in ("checkpoint_path", "weights_path"):
-        if getattr(ext, attr, None) is not None:
-            desc["weights"] = str(getattr(ext, attr))
-    return desc
+        raise EvaluationError(f"digits classifier {ext.checkpoint_path or '(given as a model)'} ({option}) was trained "
+                              f"for {', '.join(problems)}: its features do not describe {index.root}; train one on it "
+                              f"with `srdd classifier --data {index.root} --out PATH`")
 
 
 @torch.no_grad()
-def extract(
-    extractor: FeatureExtractor, images: torch.Tensor | Iterator[torch.Tensor], batch_size: int = 256
-) -> tuple[FeatureStats, torch.Tensor, torch.Tensor | None]:
-    """Features of uint8 images (N, 3, H, W) or of an iterator of such batches.
-
-    Returns float64 statistics, the features (N, D) float32 on the CPU and the logits (N, K) or None.
-    """
+def extract(extractor: FeatureExtractor, images: torch.Tensor | Iterator[torch.Tensor],
+            batch_size: int = 256) -> tuple[FeatureStats, torch.Tensor, torch.Tensor | None]:
+    """Float64 statistics, float32 CPU features (N, D) and logits (N, K) or None of uint8 images (N, 3, H, W) or
+    of an iterator of such batches."""
     batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
     stats = FeatureStats(extractor.feature_dim)
     feats, logits = [], []
@@ -156,9 +118,7 @@ def extract(
     return stats, torch.cat(feats), (torch.cat(logits) if logits else None)
 
 
-# ---------------------------------------------------------------------------------------------
-# Reference statistics of a packed dataset
-# ---------------------------------------------------------------------------------------------
+# --- Reference statistics of a packed dataset ---
 
 
 def load_index(data: str | os.PathLike, option: str = "--data") -> ShardIndex:
@@ -173,18 +133,16 @@ def dataset_key(index: ShardIndex, split: str = "train") -> str:
     """``<name>-<split>-<hash>``: two packs with different contents never share cached statistics."""
     info = index.to_json()
     content = {"split": info["splits"][split], "extra": info.get("extra"), "source": info.get("source"),
-               "resolution": info["resolution"]}  # fmt: skip
+               "resolution": info["resolution"]}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:8]
     return f"{index.name}-{split}-{digest}"
 
 
-def iter_split_uint8(
-    index: ShardIndex, split: str, resolution: int | None = None, batch_size: int = 256
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iter_split_uint8(index: ShardIndex, split: str, resolution: int | None = None,
+                     batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """All images of one split once, in shard order, as uint8 (B, 3, R, R) batches with their labels."""
     ds = ValShards(index.shard_paths(split), resolution or index.resolution)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=0)
-    for img_B3HW, label_B in loader:
+    for img_B3HW, label_B in torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=0):
         yield to_uint8(img_B3HW), label_B
 
 
@@ -194,42 +152,23 @@ def load_split(index: ShardIndex, split: str, resolution: int | None = None) -> 
     return torch.cat(imgs), torch.cat(labels)
 
 
-def dataset_reference(
-    data: str | os.PathLike | ShardIndex,
-    extractor: FeatureExtractor,
-    cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
-    num_images: int | None = None,
-    resolution: int | None = None,
-    batch_size: int = 256,
-    option: str = "--cache_dir",
-) -> ReferenceStats:
-    """Reference statistics of the train split of a packed dataset (computed once, then read from ``cache_dir``).
-
-    A cached file made for another dataset, extractor or resolution, or a too-large ``num_images``, is refused.
-    """
+def dataset_reference(data: str | os.PathLike | ShardIndex, extractor: FeatureExtractor,
+                      cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, num_images: int | None = None,
+                      resolution: int | None = None, batch_size: int = 256,
+                      option: str = "--cache_dir") -> ReferenceStats:
+    """Reference statistics of the train split of a packed dataset (computed once, then read from ``cache_dir``);
+    a cached file made for another dataset, extractor or resolution, or a too-large ``num_images``, is refused."""
     index = data if isinstance(data, ShardIndex) else load_index(data)
     res = resolution or index.resolution
     try:
-        return reference_stats(
-            dataset_key(index), res, extractor,
-            lambda: (img for img, _ in iter_split_uint8(index, "train", res, batch_size)),
-            cache_dir, num_images=num_images,
-        )  # fmt: skip
+        return reference_stats(dataset_key(index), res, extractor,
+                               lambda: (img for img, _ in iter_split_uint8(index, "train", res, batch_size)),
+                               cache_dir, num_images=num_images)
     except ValueError as e:
         raise EvaluationError(f"{e} (reference statistics in {option} {cache_dir})") from None
 
 
-def reference_description(ref: ReferenceStats, index: ShardIndex | None = None) -> dict[str, Any]:
-    desc = {"dataset": ref.dataset, "split": "train", "count": ref.count, "resolution": ref.resolution,
-            "extractor": ref.extractor, "cache": str(ref.path) if ref.path else None}  # fmt: skip
-    if index is not None:
-        desc["root"] = str(index.root)
-    return desc
-
-
-# ---------------------------------------------------------------------------------------------
-# Samples
-# ---------------------------------------------------------------------------------------------
+# --- Samples ---
 
 
 def _sample_files(path: Path) -> tuple[list[Path], torch.Tensor | None]:
@@ -244,26 +183,12 @@ def _sample_files(path: Path) -> tuple[list[Path], torch.Tensor | None]:
     unlabelled = [p.name for p in images if p not in named and _INDEX_NAME.match(p.stem)]
     if unlabelled:
         raise EvaluationError(f"{path}: {len(named)} samples are named <index>_c<class>, but e.g. {unlabelled[0]} "
-                              "has no class; name all numbered samples the same way")  # fmt: skip
+                              "has no class; name all numbered samples the same way")
     files = sorted(named, key=lambda p: int(named[p].group(1)))
     indices = [int(named[p].group(1)) for p in files]
-    if len(set(indices)) != len(indices):
-        dup = next(i for i, j in zip(indices, indices[1:]) if i == j)
+    if (dup := next((i for i, j in zip(indices, indices[1:]) if i == j), None)) is not None:
         raise EvaluationError(f"{path}: sample index {dup} appears twice (two _c<k> files); one file per index")
     return files, torch.tensor([int(named[p].group(2)) for p in files])
-
-
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "arr_0" not in z.files:
-                raise EvaluationError(f"{path} (--samples) has no 'arr_0' array of images (it holds {z.files})")
-            return z["arr_0"], (z["labels"] if "labels" in z.files else None)
-    except EvaluationError:
-        raise
-    except Exception as e:  # a text file, a truncated archive, a pickle: numpy's errors vary
-        raise EvaluationError(f"{path} (--samples) is not a readable .npz archive ({type(e).__name__}: {e}); srdd "
-                              "sample writes samples.npz with arr_0 (uint8 N, H, W, 3) and labels") from None  # fmt: skip
 
 
 def load_samples(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
@@ -282,26 +207,32 @@ def load_samples(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | 
             try:
                 imgs.append(load_png(p))
             except Exception as e:  # PIL raises several types for a damaged or non-image file
-                msg = f"sample {p} (--samples) is not a readable image ({type(e).__name__}: {e})"
-                raise EvaluationError(msg) from None
+                raise EvaluationError(f"sample {p} (--samples) is not a readable image "
+                                      f"({type(e).__name__}: {e})") from None
         shapes = {tuple(i.shape) for i in imgs}
         if len(shapes) > 1:
             raise EvaluationError(f"images in {path} have different sizes: {sorted(shapes)}")
         images = torch.stack(imgs)
         settings_file = path / SAMPLING_JSON
     elif path.suffix == ".npz":
-        arr, labels_np = _read_npz(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                files, arr = z.files, z["arr_0"] if "arr_0" in z.files else None
+                labels_np = z["labels"] if "labels" in z.files else None
+        except Exception as e:  # a text file, a truncated archive, a pickle: numpy's errors vary
+            raise EvaluationError(f"{path} (--samples) is not a readable .npz archive ({type(e).__name__}: {e}); "
+                                  "srdd sample writes samples.npz with arr_0 (uint8 N, H, W, 3) and labels") from None
+        if arr is None:
+            raise EvaluationError(f"{path} (--samples) has no 'arr_0' array of images (it holds {files})")
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
             raise EvaluationError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
         if arr.shape[0] == 0:
             raise EvaluationError(f"{path} holds no samples (arr_0 is empty)")
         images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-        labels = None
-        if labels_np is not None:
-            if labels_np.shape != (arr.shape[0],) or labels_np.dtype.kind not in "iu":
-                raise EvaluationError(f"{path}: labels must be integers ({arr.shape[0]},), got {labels_np.dtype} "
-                                      f"{labels_np.shape}")  # fmt: skip
-            labels = torch.from_numpy(labels_np.astype(np.int64))
+        if labels_np is not None and (labels_np.shape != (arr.shape[0],) or labels_np.dtype.kind not in "iu"):
+            raise EvaluationError(f"{path}: labels must be integers ({arr.shape[0]},), got {labels_np.dtype} "
+                                  f"{labels_np.shape}")
+        labels = None if labels_np is None else torch.from_numpy(labels_np.astype(np.int64))
         settings_file = path.parent / SAMPLING_JSON
     else:
         raise EvaluationError(f"--samples must be a folder of images or an .npz file, got {path}")
@@ -314,36 +245,20 @@ def load_samples(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | 
     return images, labels, settings
 
 
-# ---------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------
+# --- Metrics ---
 
 
-def is_splits(n: int) -> int:
-    """Splits of the Inception Score: the customary 10, fewer for small sample counts (>= 50 per split)."""
-    return max(1, min(10, n // 50))
-
-
-def fid_from_stats(stats: FeatureStats, ref: ReferenceStats) -> float:
-    """FID in float64 against cached reference statistics (ours: it streams across ranks)."""
-    return frechet_distance(stats.mean, stats.cov, ref.mu_D, ref.sigma_DD)
-
-
-def compute_metrics(
-    stats: FeatureStats,
-    features_ND: torch.Tensor | None,
-    logits_NK: torch.Tensor | None,
-    labels_N: torch.Tensor | None,
-    ref: ReferenceStats,
-    class_logits: bool,
-    pr_k: int = 3,
-) -> dict[str, Any]:
+def compute_metrics(stats: FeatureStats, features_ND: torch.Tensor | None, logits_NK: torch.Tensor | None,
+                    labels_N: torch.Tensor | None, ref: ReferenceStats, class_logits: bool,
+                    pr_k: int = 3) -> dict[str, Any]:
     """FID; IS when there are logits; KID and precision/recall against the stored real features; class accuracy
     when the logits are those of a classifier over the dataset's own classes (``class_logits``)."""
     n = stats.n
-    out: dict[str, Any] = {"fid": fid_from_stats(stats, ref), "num_samples": n}
+    # FID is ours (float64, its statistics stream across ranks), against the cached reference statistics.
+    out: dict[str, Any] = {"fid": frechet_distance(stats.mean, stats.cov, ref.mu_D, ref.sigma_DD), "num_samples": n}
     if logits_NK is not None:
-        score = inception_score(logits_NK, splits=is_splits(n))  # torch-fidelity's shuffle (seed 2020) first
+        # IS splits: the customary 10, fewer for small sample counts (>= 50 per split); torch-fidelity shuffles first.
+        score = inception_score(logits_NK, splits=max(1, min(10, n // 50)))
         out.update(inception_score=score.mean, inception_score_std=score.std, inception_score_splits=score.splits)
     real_ND = ref.features_ND
     if features_ND is not None and real_ND is not None:
@@ -366,10 +281,10 @@ def real_vs_real(index: ShardIndex, extractor: FeatureExtractor, batch_size: int
     perm, n = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)), len(images) // 2
     stats, feats, _ = extract(extractor, images[perm[n : 2 * n]], batch_size)
     half = ReferenceStats(stats.mean.numpy(), stats.cov.numpy(), n, f"{dataset_key(index)}-half", extractor.cache_key,
-                          index.resolution, feats.numpy())  # fmt: skip
+                          index.resolution, feats.numpy())
     stats2, feats2, logits2 = extract(extractor, images[perm[:n]], batch_size)
-    class_logits = has_class_logits(extractor, index.num_classes)
-    return compute_metrics(stats2, feats2, logits2, labels[perm[:n]], half, class_logits), n
+    return compute_metrics(stats2, feats2, logits2, labels[perm[:n]], half,
+                           has_class_logits(extractor, index.num_classes)), n
 
 
 def has_class_logits(extractor: FeatureExtractor, num_classes: int) -> bool:
@@ -377,47 +292,39 @@ def has_class_logits(extractor: FeatureExtractor, num_classes: int) -> bool:
     return extractor.has_logits and extractor.name != "inception-v3-compat" and extractor.num_classes == num_classes
 
 
-def evaluate_arrays(
-    images: torch.Tensor,
-    labels: torch.Tensor | None,
-    index: ShardIndex,
-    extractor: FeatureExtractor,
-    cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
-    num_real: int | None = None,
-    batch_size: int = 256,
-) -> dict[str, Any]:
-    """Metrics of uint8 samples (N, 3, H, W) against the train split of ``index`` (checks the resolution)."""
-    res = images.shape[-1]
-    if res != index.resolution:
+def evaluate_arrays(images: torch.Tensor, labels: torch.Tensor | None, index: ShardIndex, extractor: FeatureExtractor,
+                    cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, num_real: int | None = None,
+                    batch_size: int = 256) -> dict[str, Any]:
+    """Metrics of uint8 samples (N, 3, H, W) against the train split of ``index`` (checks the resolution), with
+    what produced them: the extractor (its cache key names the weights) and the reference statistics."""
+    if (res := images.shape[-1]) != index.resolution:
         raise EvaluationError(
             f"samples are {res}x{res} px but the reference dataset {index.root} is packed at {index.resolution} px; "
             f"evaluate against data packed at {res} px (e.g. `srdd data digits --resolution {res}`), or sample at "
-            f"{index.resolution} px"
-        )
+            f"{index.resolution} px")
     if images.shape[0] < 2:
         raise EvaluationError(f"FID needs at least 2 samples, got {images.shape[0]}")
     if labels is not None and index.conditional and int(labels.max()) >= index.num_classes:
-        raise EvaluationError(f"sample labels go up to {int(labels.max())}, but {index.root} has {index.num_classes} classes")
+        raise EvaluationError(f"sample labels go up to {int(labels.max())}, but {index.root} has "
+                              f"{index.num_classes} classes")
     check_extractor_fits(extractor, index, res)
     ref = dataset_reference(index, extractor, cache_dir, num_images=num_real, batch_size=batch_size)
     stats, feats, logits = extract(extractor, images, batch_size)
     metrics = compute_metrics(stats, feats, logits, labels, ref, has_class_logits(extractor, index.num_classes))
-    return {"metrics": metrics, "extractor": extractor_description(extractor),
-            "reference": reference_description(ref, index)}  # fmt: skip
+    ext = extractor
+    weights = [str(w) for a in ("checkpoint_path", "weights_path") if (w := getattr(ext, a, None)) is not None]
+    return {"metrics": metrics,
+            "extractor": {"name": ext.name, "cache_key": ext.cache_key, "feature_dim": ext.feature_dim,
+                          "num_classes": ext.num_classes, **({"weights": weights[-1]} if weights else {})},
+            "reference": {"dataset": ref.dataset, "split": "train", "count": ref.count, "resolution": ref.resolution,
+                          "extractor": ref.extractor, "cache": str(ref.path) if ref.path else None,
+                          "root": str(index.root)}}
 
 
-def evaluate(
-    samples: str | None = None,
-    data: str = "data/digits",
-    extractor: str = "digits-classifier",
-    classifier: str | None = DEFAULT_CLASSIFIER,
-    inception_weights: str | None = None,
-    num_real: int | None = None,
-    out: str | None = None,
-    cache_dir: str = DEFAULT_CACHE_DIR,
-    batch_size: int = 256,
-    device: str = "auto",
-) -> dict[str, Any]:
+def evaluate(samples: str | None = None, data: str = "data/digits", extractor: str = "digits-classifier",
+             classifier: str | None = DEFAULT_CLASSIFIER, inception_weights: str | None = None,
+             num_real: int | None = None, out: str | None = None, cache_dir: str = DEFAULT_CACHE_DIR,
+             batch_size: int = 256, device: str = "auto") -> dict[str, Any]:
     """Score generated samples: FID (float64), IS, KID, precision/recall and class-consistency accuracy.
 
     Args:
@@ -436,7 +343,8 @@ def evaluate(
         device: ``cpu``, ``cuda`` or ``auto`` (cuda when available).
     """
     if samples is None:
-        raise EvaluationError("--samples DIR_or_NPZ is required: a folder of sample PNGs or an .npz (srdd sample writes both)")
+        raise EvaluationError("--samples DIR_or_NPZ is required: a folder of sample PNGs or an .npz "
+                              "(srdd sample writes both)")
     t0 = time.time()
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if str(dev).startswith("cuda") and not torch.cuda.is_available():
@@ -446,9 +354,9 @@ def evaluate(
     images, labels, settings = load_samples(samples)
     index = load_index(data)
     ext = extractor_from_options(extractor, classifier, inception_weights, dev)
-    result = evaluate_arrays(images, labels, index, ext, cache_dir, num_real, batch_size)
-    result = {"format": RESULT_FORMAT, "samples": str(samples), **result, "sampling": settings,
-              "seconds": round(time.time() - t0, 3)}  # fmt: skip
+    result = {"format": RESULT_FORMAT, "samples": str(samples),
+              **evaluate_arrays(images, labels, index, ext, cache_dir, num_real, batch_size), "sampling": settings,
+              "seconds": round(time.time() - t0, 3)}
     print(format_result(result))
     if out is not None:
         write_json(out, result)
@@ -458,38 +366,26 @@ def evaluate(
 
 def format_result(result: dict[str, Any]) -> str:
     m, ext, ref = result["metrics"], result["extractor"], result["reference"]
-    lines = [f"{m['num_samples']} samples vs {ref['count']} real ({ref['dataset']}, train split, {ref['resolution']} px), "
-             f"extractor {ext['cache_key']}:"]  # fmt: skip
+    lines = [f"{m['num_samples']} samples vs {ref['count']} real ({ref['dataset']}, train split, "
+             f"{ref['resolution']} px), extractor {ext['cache_key']}:"]
     names = {"fid": "FID", "kid_mean": "KID", "inception_score": "IS", "precision": "precision", "recall": "recall",
-             "class_accuracy": "class accuracy"}  # fmt: skip
-    for key, name in names.items():
-        if key not in m:
-            continue
-        value, extra = f"{m[key]:.4f}", ""
+             "class_accuracy": "class accuracy"}
+    for key, name in ((k, n) for k, n in names.items() if k in m):
+        extra = ""
         if key == "inception_score":
             extra = f" ± {m['inception_score_std']:.4f} ({m['inception_score_splits']} splits)"
-        elif key == "kid_mean":  # KID is ~1e-3 for good samples: more digits
-            value = f"{m[key]:.5f}"
+        elif key == "kid_mean":
             extra = f" ± {m['kid_std']:.5f} ({m['kid_subsets']} subsets of {m['kid_subset_size']})"
-        lines.append(f"  {name:<15} {value}{extra}")
+        lines.append(f"  {name:<15} {m[key]:.{5 if key == 'kid_mean' else 4}f}{extra}")  # KID is ~1e-3: more digits
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# The digits classifier
-# ---------------------------------------------------------------------------------------------
+# --- The digits classifier ---
 
 
-def train_classifier(
-    data: str = "data/digits",
-    out: str = DEFAULT_CLASSIFIER,
-    train_split: Literal["val", "train"] = "val",
-    feature_dim: int = 32,
-    epochs: int = 60,
-    seed: int = 0,
-    width: int = 32,
-    min_accuracy: float = 0.95,
-) -> dict[str, Any]:
+def train_classifier(data: str = "data/digits", out: str = DEFAULT_CLASSIFIER,
+                     train_split: Literal["val", "train"] = "val", feature_dim: int = 32, epochs: int = 60,
+                     seed: int = 0, width: int = 32, min_accuracy: float = 0.95) -> dict[str, Any]:
     """Train the digits classifier (the "digits FID" feature extractor) on one split of a packed dataset.
 
     By default it learns from the *val* split and is checked on the train split, so the FID reference (the train
@@ -506,8 +402,6 @@ def train_classifier(
         width: Channels of the first conv stage.
         min_accuracy: Fail (after writing the checkpoint) when the accuracy on the other split is lower.
     """
-    from srdd_lightning.metrics import DigitsClassifierConfig, save_classifier, train_digits_classifier
-
     index = load_index(data)
     if epochs < 1:
         raise EvaluationError(f"--epochs must be >= 1, got {epochs}")
@@ -522,26 +416,26 @@ def train_classifier(
     xt, yt = load_split(index, train_split)
     xv, yv = load_split(index, check_split)
     print(f"training the digits classifier on the {len(yt)} {train_split} images of {data} ({index.resolution} px), "
-          f"checking it on the {len(yv)} {check_split} images; writing {out}")  # fmt: skip
+          f"checking it on the {len(yv)} {check_split} images; writing {out}")
     config = DigitsClassifierConfig(num_classes=index.num_classes, resolution=index.resolution, width=width,
-                                    feature_dim=feature_dim)  # fmt: skip
+                                    feature_dim=feature_dim)
     model, acc = train_digits_classifier(xt, yt, xv, yv, epochs=epochs, seed=seed, config=config, log_every=10)
     # What it was trained on: evaluation refuses it for other data (check_extractor_fits).
     meta = {"val_accuracy": acc, "accuracy_on": check_split, "trained_on": train_split, "epochs": epochs, "seed": seed,
             "data": str(data), "dataset": dataset_key(index, "train"), "num_classes": index.num_classes,
             "resolution": index.resolution, "feature_dim": feature_dim, "num_train": len(yt), "num_val": len(yv),
-            "seconds": round(time.time() - t0, 1)}  # fmt: skip
+            "seconds": round(time.time() - t0, 1)}
     save_classifier(out, model, meta)
-    print(f"digits classifier: accuracy {acc:.4f} on the {len(yv)} {check_split} images after {meta['seconds']} s -> {out}")
+    print(f"digits classifier: accuracy {acc:.4f} on the {len(yv)} {check_split} images after {meta['seconds']} s "
+          f"-> {out}")
     if acc < min_accuracy:
         raise EvaluationError(f"the digits classifier reached only {acc:.4f} accuracy on the {check_split} split "
-                              f"(< --min_accuracy {min_accuracy}); train longer (--epochs) before trusting digits-FID numbers")
+                              f"(< --min_accuracy {min_accuracy}); train longer (--epochs) before trusting "
+                              "digits-FID numbers")
     return meta
 
 
-# ---------------------------------------------------------------------------------------------
-# srdd evaluate / srdd classifier
-# ---------------------------------------------------------------------------------------------
+# --- srdd evaluate / srdd classifier ---
 
 
 def _run_tool(fn: Callable, argv: Sequence[str], prog: str, description: str) -> None:
@@ -550,36 +444,21 @@ def _run_tool(fn: Callable, argv: Sequence[str], prog: str, description: str) ->
 
     try:
         CLI(fn, args=list(argv), prog=prog, description=description, exit_on_error=False)
-    except ArgumentError as e:
-        print(f"{prog}: error: {' '.join(str(e).split())} (see {prog} --help)", file=sys.stderr)
-        raise SystemExit(2) from None
-    except (EvaluationError, FileNotFoundError) as e:
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    except (ArgumentError, EvaluationError, FileNotFoundError) as e:
+        hint = f" (see {prog} --help)" if isinstance(e, ArgumentError) else ""
+        print(f"{prog}: error: {' '.join(str(e).split())}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def evaluate_tool(argv: Sequence[str]) -> None:
-    _run_tool(evaluate, argv, "srdd evaluate", "FID / KID / IS / precision-recall / class accuracy of generated samples.")
+    _run_tool(evaluate, argv, "srdd evaluate",
+              "FID / KID / IS / precision-recall / class accuracy of generated samples.")
 
 
 def classifier_tool(argv: Sequence[str]) -> None:
     _run_tool(train_classifier, argv, "srdd classifier", "Train the digits classifier used for the digits FID.")
 
 
-__all__ = [
-    "DEFAULT_CACHE_DIR",
-    "EvaluationError",
-    "check_extractor_fits",
-    "compute_metrics",
-    "dataset_key",
-    "dataset_reference",
-    "evaluate",
-    "evaluate_arrays",
-    "extract",
-    "extractor_from_options",
-    "has_class_logits",
-    "load_index",
-    "load_samples",
-    "train_classifier",
-    "write_json",
-]
+__all__ = ["DEFAULT_CACHE_DIR", "EvaluationError", "check_extractor_fits", "compute_metrics", "dataset_key",
+           "dataset_reference", "evaluate", "evaluate_arrays", "extract", "extractor_from_options", "has_class_logits",
+           "load_index", "load_samples", "train_classifier", "write_json"]
