@@ -1,10 +1,6 @@
-"""Feature extractors for FID / IS / precision-recall, behind one interface.
-
-Every extractor takes uint8 images (B, 3, H, W) in [0, 255] of any size and resizes them
-itself; it returns float32 features (B, D) and, when it has a classifier head, logits (B, K).
-Extractors are frozen and stay in eval mode even when a parent module calls `.train()`.
-Nothing here downloads: weights come from a path (or a documented local fallback).
-"""
+"""Feature extractors for FID / IS / precision-recall, behind one interface: uint8 images (B, 3, H, W) of any size
+in, float32 features (B, D) and, with a classifier head, logits (B, K) out. Extractors are frozen (eval mode even
+under a parent's `.train()`) and never download: weights come from a path (or a documented local fallback)."""
 
 from __future__ import annotations
 
@@ -36,7 +32,8 @@ def check_uint8_images(img_B3HW: torch.Tensor) -> None:
 
 
 class FeatureExtractor(nn.Module):
-    """Frozen network mapping uint8 images (B, 3, H, W) to features (B, feature_dim)."""
+    """Frozen network mapping uint8 images (B, 3, H, W) to features (B, feature_dim); a subclass with a classifier
+    head implements `features_and_logits`, one without implements `forward`."""
 
     name: str = ""
     feature_dim: int = 0
@@ -62,6 +59,9 @@ class FeatureExtractor(nn.Module):
     def train(self, mode: bool = True) -> FeatureExtractor:
         # A LightningModule calls .train() on all children; BatchNorm/Dropout must stay frozen.
         return super().train(False)
+
+    def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
+        return self.features_and_logits(img_B3HW)[0]
 
     def features_and_logits(self, img_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (B, D) and logits (B, K) in one pass where the network allows it."""
@@ -135,11 +135,7 @@ class InceptionV3Extractor(FeatureExtractor):
     @torch.no_grad()
     def features_and_logits(self, img_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_uint8_images(img_B3HW)
-        features_BD, logits_BK = self.net(img_B3HW.to(self.device))
-        return features_BD, logits_BK
-
-    def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        return self.features_and_logits(img_B3HW)[0]
+        return self.net(img_B3HW.to(self.device))  # (features (B, 2048), logits (B, 1008))
 
 
 # --- Digits classifier (built-in dataset) ---
@@ -188,10 +184,6 @@ class DigitsClassifierExtractor(FeatureExtractor):
     def features_and_logits(self, img_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features_BD = self.model.features(self._prepare(img_B3HW))
         return features_BD, self.model.head(features_BD)
-
-    @torch.no_grad()
-    def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        return self.model.features(self._prepare(img_B3HW))
 
 
 # --- Registry ---
