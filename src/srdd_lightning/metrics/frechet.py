@@ -1,8 +1,7 @@
 """Streaming feature statistics and the Fréchet distance between two Gaussians (FID).
 
-FID = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2}), everything in float64
-(float32 accumulation visibly shifts FID; see notes/lightning-webdataset-fid.md §3.2).
-Ranks exchange the three sufficient statistics (n, sum x, sum x x^T), never images.
+FID = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2}), everything in float64 (float32 accumulation visibly
+shifts FID; see notes/lightning-webdataset-fid.md §3.2). Ranks exchange (n, sum x, sum x x^T), never images.
 """
 
 from __future__ import annotations
@@ -63,9 +62,8 @@ class FeatureStats:
         """Add another set of statistics (e.g. another shard of the same samples); returns self."""
         if other.feature_dim != self.feature_dim:
             raise ValueError(f"cannot merge statistics of dim {other.feature_dim} into dim {self.feature_dim}")
-        self.count += other.count.to(self.device)
-        self.sum_D += other.sum_D.to(self.device)
-        self.outer_DD += other.outer_DD.to(self.device)
+        for name in ("count", "sum_D", "outer_DD"):
+            getattr(self, name).add_(getattr(other, name).to(self.device))
         return self
 
     def all_reduce(self, group: dist.ProcessGroup | None = None) -> FeatureStats:
