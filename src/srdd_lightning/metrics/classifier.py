@@ -1,9 +1,6 @@
-"""A small CNN digit classifier: the feature extractor of the built-in dataset's "digits FID".
-
-Inception features mean little on 16 px digits, so the framework trains this network on the
-real digits and uses its penultimate layer for FID / precision-recall and its logits for the
-class-consistency accuracy of conditional samples. Inputs are float images in [-1, 1].
-"""
+"""A small CNN digit classifier, the feature extractor of the built-in dataset's "digits FID": Inception features mean
+little on 16 px digits, so the framework trains this network on the real digits and uses its penultimate layer for FID /
+precision-recall and its logits for the class-consistency accuracy of conditional samples. Inputs are in [-1, 1]."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
-"""Reference statistics of real data: computed once per (dataset, extractor, resolution), cached.
-
-Cache file: `<cache_dir>/<dataset>-<extractor.cache_key>-<res>px[-n<num_images>].npz` holding
-mu (D,), sigma (D, D) in float64, the image count, a seeded uniform subsample of the real
-features (float32, at most 10k: all of them for the digits; KID and precision/recall use it) and the
-metadata checked on every load.
-"""
+"""Reference statistics of real data, computed once per (dataset, extractor, resolution) and cached in
+`<cache_dir>/<dataset>-<extractor.cache_key>-<res>px[-n<num_images>].npz`: float64 mu (D,) and sigma (D, D), the image
+count, a seeded uniform subsample of the real features (float32, at most 10k: all of them for the digits; KID and
+precision/recall use it) and the metadata checked on every load."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""Inception Score, KID and k-NN precision/recall by torch-fidelity, over our extractors' features; class accuracy.
-
-torch-fidelity computes these metrics from features it extracts itself; here it gets *our* features and logits
-(the digits classifier or Inception), in float64, with its protocol's defaults: IS over 10 splits shuffled with
-seed 2020, KID with the cubic polynomial kernel over 100 subsets of 1000, precision/recall with k = 3.
-"""
+"""Inception Score, KID and k-NN precision/recall by torch-fidelity over *our* extractors' features and logits (the
+digits classifier or Inception) in float64, with its protocol's defaults: IS over 10 splits shuffled with seed 2020,
+KID with the cubic polynomial kernel over 100 subsets of 1000, precision/recall with k = 3; class accuracy."""
 
 from __future__ import annotations
 
