@@ -5,14 +5,12 @@
         --extractor digits-classifier --classifier runs/digits/classifier.pt --out results/x/metrics.json
     srdd evaluate --samples DIR --data data/ffhq --extractor inception-v3-compat --inception_weights PATH
 
-Samples are a folder of PNGs (``{index:06d}_c{class}.png``; other images there, such as ``srdd sample``'s
-``grid.png``, are not samples; a folder without such names counts all its images) or an ``.npz``
-holding ``arr_0`` (uint8 NHWC) and optionally ``labels``; the settings ``srdd sample`` wrote into
-``sampling.json`` beside them are copied into the result. Reference statistics are those of the
-*train* split of the packed dataset, computed once per (dataset, extractor, resolution) and cached;
-a digits classifier or cached statistics made for other data are refused. FID is ours (float64,
-streamed); IS, KID and precision/recall are torch-fidelity's over the same features.
-Every number says which extractor and how many samples produced it.
+Samples are a folder of PNGs (``{index:06d}_c{class}.png``; other images there, such as ``srdd sample``'s ``grid.png``,
+are not samples; a folder without such names counts all its images) or an ``.npz`` holding ``arr_0`` (uint8 NHWC) and
+optionally ``labels``; the ``sampling.json`` beside them is copied into the result. Reference statistics are those of
+the *train* split, cached per (dataset, extractor, resolution); a digits classifier or cached statistics made for other
+data are refused. FID is ours (float64, streamed); IS, KID and precision/recall are torch-fidelity's over the same
+features. Every number says which extractor and how many samples produced it.
 """
 
 from __future__ import annotations
@@ -106,11 +104,10 @@ def extract(extractor: FeatureExtractor, images: torch.Tensor | Iterator[torch.T
     stats = FeatureStats(extractor.feature_dim)
     feats, logits = [], []
     for img_B3HW in batches:
-        if extractor.has_logits:
-            f_BD, l_BK = extractor.features_and_logits(img_B3HW.to(extractor.device))
+        x_B3HW = img_B3HW.to(extractor.device)
+        f_BD, l_BK = extractor.features_and_logits(x_B3HW) if extractor.has_logits else (extractor(x_B3HW), None)
+        if l_BK is not None:
             logits.append(l_BK.float().cpu())
-        else:
-            f_BD = extractor(img_B3HW.to(extractor.device))
         stats.update(f_BD)
         feats.append(f_BD.float().cpu())
     if not feats:
@@ -192,11 +189,8 @@ def _sample_files(path: Path) -> tuple[list[Path], torch.Tensor | None]:
 
 
 def load_samples(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
-    """uint8 images (N, 3, H, W), requested labels (N,) or None, and ``sampling.json`` beside them (or None).
-
-    ``path`` is a folder of images (``{index}_c{class}.png`` in index order, other images ignored; else all
-    images, by name) or an ``.npz`` with ``arr_0`` (N, H, W, 3) uint8 and optionally ``labels``.
-    """
+    """uint8 images (N, 3, H, W), requested labels (N,) or None, and ``sampling.json`` beside them (or None), of a
+    folder of images (``{index}_c{class}.png`` in index order, else all, by name) or an ``.npz`` (see the top)."""
     path = Path(path)
     if not path.exists():
         raise EvaluationError(f"samples {path} (--samples) do not exist")
