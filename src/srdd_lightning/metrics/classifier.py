@@ -129,14 +129,12 @@ def train_digits_classifier(
                          f"the data ({res} px, labels up to {num_classes - 1})")
     shift = res / 8 if max_shift_px is None else max_shift_px
     n = train_images.shape[0]
-
     with torch.random.fork_rng(devices=[]):  # seeds init and dropout without leaking global state
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         model = DigitsClassifier(config)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * math.ceil(n / batch_size))
-        model.train()
         t0 = time.time()
         for epoch in range(epochs):
             perm = torch.randperm(n, generator=gen)

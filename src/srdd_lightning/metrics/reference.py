@@ -126,8 +126,7 @@ def reference_stats(dataset_name: str, resolution: int, extractor: FeatureExtrac
     if path.is_file() and not recompute:
         ref = load_reference_stats(path)
         expected = {"dataset": dataset_name, "extractor": extractor.cache_key, "resolution": int(resolution)}
-        found = {"dataset": ref.dataset, "extractor": ref.extractor, "resolution": ref.resolution}
-        problems = [f"{k}={found[k]!r} (expected {v!r})" for k, v in expected.items() if found[k] != v]
+        problems = [f"{k}={getattr(ref, k)!r} (expected {v!r})" for k, v in expected.items() if getattr(ref, k) != v]
         if num_images is not None and ref.count != num_images:
             problems.append(f"count={ref.count} (expected {num_images})")
         if ref.mu_D.shape != (extractor.feature_dim,) or ref.sigma_DD.shape != (extractor.feature_dim,) * 2:
