@@ -172,17 +172,14 @@ class DigitsClassifierExtractor(FeatureExtractor):
         # A retrained classifier must not reuse reference statistics of the previous one.
         return f"{self.name}-{self._fingerprint}"
 
-    def _prepare(self, img_B3HW: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def features_and_logits(self, img_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_uint8_images(img_B3HW)
         x_B3HW = img_B3HW.to(self.device).float() / 127.5 - 1.0
         r = self.input_resolution
         if x_B3HW.shape[-2:] != (r, r):
             x_B3HW = F.interpolate(x_B3HW, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
-        return x_B3HW
-
-    @torch.no_grad()
-    def features_and_logits(self, img_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features_BD = self.model.features(self._prepare(img_B3HW))
+        features_BD = self.model.features(x_B3HW)
         return features_BD, self.model.head(features_BD)
 
 
