@@ -1,4 +1,4 @@
-"""Evaluation building blocks: feature extractors, FID (ours), IS / KID / precision-recall (torch-fidelity), digits CNN."""
+"""Feature extractors, FID (ours), IS / KID / precision-recall (torch-fidelity) and the digits classifier."""
 
 from .classifier import (DigitsClassifier, DigitsClassifierConfig, classifier_accuracy, load_classifier,
                          save_classifier, train_digits_classifier)
