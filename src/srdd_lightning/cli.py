@@ -1,13 +1,7 @@
-"""The ``srdd`` command: LightningCLI for training stages, plus the project's own tools.
+"""The ``srdd`` command: LightningCLI for the training stages (fit / validate / test), plus the project's tools.
 
-    srdd fit --config experiments/digits/srdd.yaml     # fit / validate / test (LightningCLI)
-    srdd data digits --out data/digits                  # pack the built-in dataset into shards
-    srdd data folder --src ~/images --out data/mine     # pack an image folder
-    srdd data tokenize --data data/digits --tokenizer runs/digits/tokenizer --out data/digits-tokens
-
-Runs live under ``runs/<name>/version_<k>/`` (config, TensorBoard events, ``checkpoints/``); the
-name defaults to the config's path below ``experiments/`` (``experiments/digits/srdd.yaml`` ->
-``digits/srdd``). ``--ckpt_path last`` resumes the newest run of that name, in its own folder.
+Runs live under ``runs/<name>/version_<k>/`` (config, logger events, ``checkpoints/``); the name defaults to the
+config's path below ``experiments/`` (``digits/srdd``); ``--ckpt_path last`` resumes its newest run, in its folder.
 """
 
 from __future__ import annotations
@@ -25,7 +19,7 @@ import warnings
 from argparse import ArgumentError
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jsonargparse import CLI as ToolCLI
@@ -41,12 +35,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .callbacks.ema import EMA, ShardedEMA
 from .callbacks.throughput import Throughput
-from .checkpoint_io import AtomicCheckpointIO
 from .data.datamodule import ShardDataModule
 from .data.index import ShardIndex
 from .data.pack import PackError, pack_digits, pack_image_folder
+from .utils.io import atomic_write
 
 DEFAULT_RUN_ROOT = "runs"
+_VERSION = re.compile(r"version_(\d+)")
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -63,28 +58,17 @@ class RunConfigSaver(SaveConfigCallback):
 def default_run_name(config_paths: Sequence, model_class_path: str | None) -> str:
     """``experiments/digits/srdd.yaml`` -> ``digits/srdd``; without a config, the model class name."""
     if config_paths:
-        p = Path(str(getattr(config_paths[-1], "relative", config_paths[-1]))).with_suffix("")
-        parts = list(p.parts)
-        if "experiments" in parts:
-            parts = parts[len(parts) - parts[::-1].index("experiments") :]
-        else:
-            parts = parts[-1:]
-        return "/".join(parts)
+        parts = Path(str(getattr(config_paths[-1], "relative", config_paths[-1]))).with_suffix("").parts
+        at = len(parts) - parts[::-1].index("experiments") if "experiments" in parts else len(parts) - 1
+        return "/".join(parts[at:])
     return (model_class_path or "run").rsplit(".", 1)[-1]
-
-
-def latest_version_dir(run_root: str | Path, name: str) -> Path | None:
-    base = Path(run_root) / name
-    versions = [(int(m.group(1)), p) for p in base.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    return max(versions)[1] if versions else None
 
 
 def version_of_checkpoint(ckpt_path: str | Path) -> int | None:
     """``runs/x/version_3/checkpoints/last.ckpt`` -> 3, so a resumed run keeps logging into its folder."""
     parent = Path(ckpt_path).resolve().parent
-    if parent.name == "checkpoints" and (m := re.fullmatch(r"version_(\d+)", parent.parent.name)):
-        return int(m.group(1))
-    return None
+    m = _VERSION.fullmatch(parent.parent.name) if parent.name == "checkpoints" else None
+    return int(m[1]) if m else None
 
 
 class NonFiniteError(RuntimeError):
@@ -94,16 +78,19 @@ class NonFiniteError(RuntimeError):
 INTERRUPT: dict[str, int | None] = {"signal": None}  # the signal that stopped the last fit (main's exit status)
 
 
-class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that never writes a worse checkpoint and keeps ``last.ckpt`` the state to resume from.
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints saved by ``utils.io.atomic_write``: a crash mid-save never leaves a truncated ``.ckpt`` behind."""
 
-    - ``last.ckpt`` is always the final state of a run (Lightning writes ``last`` only with a periodic checkpoint).
-    - A non-finite training loss (any ``train/*loss*`` the stage logs) stops the run before anything is saved
-      from that step, and no checkpoint with non-finite weights is ever written (:class:`NonFiniteError`): the
-      last good checkpoint stays.
-    - SIGTERM (a scheduler's preemption) or a first SIGINT (Ctrl-C) stops the run at the end of the current
-      step, writes ``last.ckpt`` there, and ``srdd`` exits with 128 + the signal; ``--ckpt_path last`` continues
-      exactly. A second Ctrl-C interrupts at once (without a checkpoint).
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is always a run's final state (Lightning's needs a periodic save).
+
+    A non-finite ``train/*loss*`` or weight stops the run with nothing saved from it (:class:`NonFiniteError`).
+    SIGTERM (preemption) or a first Ctrl-C stops at the end of the step with ``last.ckpt`` written there (``srdd``
+    exits 128 + the signal; ``--ckpt_path last`` continues exactly); a second Ctrl-C stops at once, unsaved.
     """
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -178,16 +165,8 @@ class SRDDCLI(LightningCLI):
     """LightningCLI in subclass mode (the stage is ``model.class_path``) over :class:`ShardDataModule`."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs):
-        super().__init__(
-            model_class=LightningModule,
-            subclass_mode_model=True,
-            datamodule_class=ShardDataModule,
-            save_config_callback=RunConfigSaver,
-            seed_everything_default=0,
-            args=args,
-            run=run,
-            **kwargs,
-        )
+        super().__init__(model_class=LightningModule, subclass_mode_model=True, datamodule_class=ShardDataModule,
+                         save_config_callback=RunConfigSaver, seed_everything_default=0, args=args, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run.name", type=str | None, default=None,
@@ -214,14 +193,12 @@ class SRDDCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         cfg = self.config[subcommand] if subcommand else self.config
         if cfg.get("ckpt_path") == "last":
-            name = self._run_name(cfg)
-            vdir = latest_version_dir(cfg.run.root, name)
-            last = vdir / "checkpoints" / "last.ckpt" if vdir else None
+            run = Path(cfg.run.root) / self._run_name(cfg)
+            versions = [(int(m[1]), p) for p in run.glob("version_*") if (m := _VERSION.fullmatch(p.name))]
+            last = max(versions)[1] / "checkpoints" / "last.ckpt" if versions else None  # the newest version's
             if last is None or not last.exists():
-                raise FileNotFoundError(
-                    f"--ckpt_path last: no {Path(cfg.run.root) / name / 'version_*' / 'checkpoints' / 'last.ckpt'} "
-                    f"exists to resume from; give the checkpoint's path instead"
-                )
+                raise FileNotFoundError(f"--ckpt_path last: no {run / 'version_*' / 'checkpoints' / 'last.ckpt'} "
+                                        f"exists to resume from; give the checkpoint's path instead")
             cfg.ckpt_path = str(last)
         if cfg.get("ckpt_path"):
             self._check_resume(cfg)
@@ -243,12 +220,11 @@ class SRDDCLI(LightningCLI):
             if given_file.resolve() != Path(recorded["abspath"]).resolve():
                 _, info = load_tokenizer(given_file)
                 if info["fingerprint"] != recorded["fingerprint"]:
-                    raise ValueError(
-                        f"--ckpt_path {file} was trained with the tokenizer {recorded['path']} (weights "
-                        f"{recorded['fingerprint']}, vocab_size {recorded['vocab_size']}), but "
-                        f"model.init_args.tokenizer_ckpt={given} gives {given_file} (weights {info['fingerprint']}, "
-                        f"vocab_size {info['vocab_size']}); resume with the tokenizer the run was trained with"
-                    )
+                    raise ValueError(f"--ckpt_path {file} was trained with the tokenizer {recorded['path']} (weights "
+                                     f"{recorded['fingerprint']}, vocab_size {recorded['vocab_size']}), but "
+                                     f"model.init_args.tokenizer_ckpt={given} gives {given_file} (weights "
+                                     f"{info['fingerprint']}, vocab_size {info['vocab_size']}); resume with the "
+                                     f"tokenizer the run was trained with")  # fmt: skip
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -257,12 +233,9 @@ class SRDDCLI(LightningCLI):
             cfg.trainer.default_root_dir = str(Path(cfg.run.root) / self._run_name(cfg))
         version = version_of_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
         if cfg.trainer.get("logger") in (None, True):
-            where = {"save_dir": cfg.run.root, "name": self._run_name(cfg), "version": version}
-            cfg.trainer.logger = (
-                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": where} if cfg.run.logger == "csv" else
-                {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                 "init_args": {**where, "default_hp_metric": False}}
-            )  # fmt: skip
+            where, csv = {"save_dir": cfg.run.root, "name": self._run_name(cfg), "version": version}, cfg.run.logger == "csv"
+            cfg.trainer.logger = {"class_path": f"lightning.pytorch.loggers.{'CSVLogger' if csv else 'TensorBoardLogger'}",
+                                  "init_args": where if csv else {**where, "default_hp_metric": False}}
 
     def _fill_model_from_data(self, cfg) -> None:
         """Give the model what the packed data defines (``num_classes``, ``image_size``) unless set by hand."""
@@ -276,12 +249,10 @@ class SRDDCLI(LightningCLI):
         derived = {"num_classes": index.num_classes, "image_size": cfg.data.resolution or index.resolution}
         init_args = cfg.model.get("init_args") or Namespace()
         for key, value in derived.items():
-            if key not in params:
-                continue
             given = init_args.get(key)
-            if given is None:
+            if key in params and given is None:
                 init_args[key] = value
-            elif given != value:
+            elif key in params and given != value:
                 raise ValueError(
                     f"model.init_args.{key}={given} disagrees with the data ({cfg.data.root} gives {key}={value}); "
                     f"leave model.init_args.{key} unset to take it from the data"
@@ -289,19 +260,16 @@ class SRDDCLI(LightningCLI):
         cfg.model.init_args = init_args
         # A stage may check its paths here, so a missing file is reported plainly rather than
         # wrapped in jsonargparse's "does not validate against any of the Union subtypes".
-        check = getattr(model_cls, "check_init_args", None)
-        if check is not None:
+        if (check := getattr(model_cls, "check_init_args", None)) is not None:
             check(init_args.as_dict())
 
     def after_instantiate_classes(self) -> None:
-        strategy = self.trainer.strategy
+        strategy, cbs = self.trainer.strategy, self.trainer.callbacks
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
         if isinstance(strategy, FSDPStrategy):  # WeightAveraging cannot copy a sharded module: the same EMA per shard
-            cbs = self.trainer.callbacks
             cbs[:] = [ShardedEMA(cb.decay, cb.warmup) if type(cb) is EMA else cb for cb in cbs]
         if self.trainer.loggers:  # learning rates and throughput in every run's dashboard (need a logger)
-            cbs = self.trainer.callbacks
             have = {type(cb) for cb in cbs}
             extra = [cb for cb in (LearningRateMonitor(logging_interval="step"), Throughput()) if type(cb) not in have]
             at = next((i for i, cb in enumerate(cbs) if isinstance(cb, ModelCheckpoint)), len(cbs))
@@ -348,21 +316,16 @@ TOOLS: dict[str, tuple[str, str]] = {
     "classifier": ("train the digits classifier behind the digits FID", "srdd_lightning.evaluation:classifier_tool"),
 }
 
-LIGHTNING_SUBCOMMANDS = {
-    "fit": "train a stage (model.class_path picks it) on packed shards",
-    "validate": "run one validation pass",
-    "test": "run the test loop",
-}
+LIGHTNING_SUBCOMMANDS = {"fit": "train a stage (model.class_path picks it) on packed shards",
+                         "validate": "run one validation pass", "test": "run the test loop"}
 
 
 def _print_overview() -> None:
     print("usage: srdd <command> [options]   (srdd <command> --help for each command's options)\n")
     print("training (LightningCLI: --config FILE, --print_config, --ckpt_path PATH|last):")
-    for name, text in LIGHTNING_SUBCOMMANDS.items():
-        print(f"  {name:<10} {text}")
+    print("\n".join(f"  {name:<10} {text}" for name, text in LIGHTNING_SUBCOMMANDS.items()))
     print("\ntools:")
-    for name, (text, _) in TOOLS.items():
-        print(f"  {name:<10} {text}")
+    print("\n".join(f"  {name:<10} {text}" for name, (text, _) in TOOLS.items()))
 
 
 # A user's mistake (a bad path, value or file) is reported in one line; tracebacks are for bugs (or --debug).
@@ -370,10 +333,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the ``srdd`` console script; ``args`` lets tests drive it in-process.
-
-    ``--debug`` (or the environment variable SRDD_DEBUG=1) shows the traceback of an error instead of one line.
-    """
+    """The ``srdd`` console script (``args``: in-process, for tests); ``--debug`` or SRDD_DEBUG=1 shows tracebacks."""
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get("SRDD_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
@@ -399,14 +359,11 @@ def main(args: Sequence[str] | None = None) -> None:
         signum = INTERRUPT["signal"] or signal.SIGTERM
         _fail(f"stopped by {signal.Signals(signum).name} after step; last.ckpt holds that step: continue with "
               f"--ckpt_path last", 128 + int(signum), prefix=f"srdd {argv[0]}: ")  # fmt: skip
-    except NonFiniteError as e:
+    except (NonFiniteError, *USER_ERRORS, ArgumentError) as e:
         if debug:
             raise
-        _fail(str(e), 1, prefix=f"srdd {argv[0]}: error: ")
-    except (*USER_ERRORS, ArgumentError) as e:
-        if debug:
-            raise
-        _fail(_one_line(e), 2, prefix=f"srdd {argv[0]}: error: ")
+        diverged = isinstance(e, NonFiniteError)  # not the user's mistake (exit 1); its message is one line already
+        _fail(str(e) if diverged else _one_line(e), 1 if diverged else 2, prefix=f"srdd {argv[0]}: error: ")
 
 
 def _one_line(e: BaseException) -> str:
@@ -433,11 +390,8 @@ def _help_with_stage(argv: list[str]) -> None:
     with contextlib.suppress(SystemExit):  # LightningCLI's help exits
         SRDDCLI(args=argv)
     configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-    class_path = None
-    for c in configs:
-        model = (yaml.safe_load(Path(c).read_text()) or {}).get("model") if Path(c).is_file() else None
-        if isinstance(model, dict) and model.get("class_path"):
-            class_path = model["class_path"]
+    models = [(yaml.safe_load(Path(c).read_text()) or {}).get("model") for c in configs if Path(c).is_file()]
+    class_path = next((m["class_path"] for m in reversed(models) if isinstance(m, dict) and m.get("class_path")), None)
     if class_path is not None:
         print(f"\nOptions of the stage this config trains (model.class_path: {class_path}):\n")
         SRDDCLI(args=[argv[0], "--model.help", class_path])
