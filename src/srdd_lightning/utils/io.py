@@ -1,9 +1,7 @@
 """Files written atomically: a crash or a failing command never leaves a half-written file under the final name.
 
-Every writer in the package (checkpoints, JSON results, reference statistics, PNGs, shards' index, npz files)
-goes through :func:`atomic_write`: write a temporary file in the target's folder, flush and fsync it, then
-``os.replace`` it onto the final name (atomic within one filesystem). On any error the temporary file is
-removed and the previous file, if any, is left untouched.
+Every writer in the package (checkpoints, JSON, reference statistics, PNGs, shards, npz files) writes a temporary
+file in the target's folder, fsyncs it and ``os.replace``s it onto the final name (atomic within one filesystem).
 """
 
 from __future__ import annotations
@@ -19,9 +17,8 @@ from typing import IO, Any
 
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside ``path`` for writing; on success it replaces ``path``, on error it vanishes."""
-    if mode not in ("wb", "w"):
-        raise ValueError(f"atomic_open writes only ('wb' or 'w'), got mode {mode!r}")
+    """Open a temporary file beside ``path`` for writing (``wb`` or ``w``); on success it replaces ``path``, on error
+    it vanishes and the previous file, if any, is left untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -60,10 +57,8 @@ def _json_default(o: Any) -> Any:
     import numpy as np
     import torch
 
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, (np.ndarray, torch.Tensor)):
-        return o.tolist()
+    if isinstance(o, (np.generic, np.ndarray, torch.Tensor)):
+        return o.tolist()  # a numpy scalar's tolist() is its item()
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
@@ -72,6 +67,3 @@ def _json_default(o: Any) -> Any:
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
     """Write ``payload`` as indented JSON atomically (numpy / torch scalars and paths are converted)."""
     return atomic_write_text(path, json.dumps(payload, indent=2, default=_json_default) + "\n")
-
-
-__all__ = ["atomic_open", "atomic_write", "atomic_write_text", "file_mode", "write_json"]

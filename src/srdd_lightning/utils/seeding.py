@@ -9,6 +9,3 @@ def mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers (run seed, rank, step, …): distinct tuples give unrelated seeds."""
     data = ",".join(str(int(p)) for p in parts).encode()
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
-
-
-__all__ = ["mix_seed"]
