@@ -137,10 +137,9 @@ class RunCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, *args, **kwargs)
 
     def _stop_message(self, trainer, what: str) -> str:
-        last = self.last_model_path or "none written yet"
         return (f"training stopped at step {trainer.global_step}: {what}; nothing was saved from this state, the last "
-                f"good checkpoint is {last}. Lower the learning rate (or check the data), then resume with "
-                f"--ckpt_path last")  # fmt: skip
+                f"good checkpoint is {self.last_model_path or 'none written yet'}. Lower the learning rate (or check "
+                f"the data), then resume with --ckpt_path last")  # fmt: skip
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         name = next((n for n, p in trainer.lightning_module.named_parameters() if not torch.isfinite(p).all()), None)

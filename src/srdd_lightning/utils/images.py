@@ -41,5 +41,4 @@ def save_png(img_3HW_uint8: torch.Tensor, path: str | Path) -> Path:
 def load_png(path: str | Path) -> torch.Tensor:
     """One image file -> ``(3, H, W)`` uint8 RGB."""
     with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)  # np.array: a copy
