@@ -2,16 +2,16 @@
 
     ema_t = d_t · ema_{t−1} + (1 − d_t) · θ_t,   d_t = min(decay, (1 + t) / (10 + t))   (warm-up; d_t = decay without)
 
-Checkpoint format (the one every loader reads, ``srdd_lightning.loading.stage_state``): ``state_dict`` holds the
-averaged weights, ``current_model_state`` the trained ones, ``averaging_state`` the averaging counters —
-Lightning's format, so a resumed run restores both. Validation runs on the EMA weights (WeightAveraging swaps them
-in); sample grids and FID monitors, which run after training steps, enter :func:`ema_weights`.
+Checkpoints are Lightning's format (the one ``loading.stage_state`` reads): ``state_dict`` the averaged weights,
+``current_model_state`` the trained ones, ``averaging_state`` the counters, so a resumed run restores both.
+Validation runs on the EMA weights (WeightAveraging swaps them in); sample grids and FID monitors enter
+:func:`ema_weights`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import lightning.pytorch as pl
 import torch
@@ -27,13 +27,20 @@ def _ema_update(decay: float, warmup: bool):
     def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n_averaged: torch.Tensor | int) -> None:
         n = int(n_averaged)  # updates so far (a host int from EMA / ShardedEMA); AveragedModel copies at the first
         d = min(decay, (1 + n) / (10 + n)) if warmup else decay
-        if ema_params and ema_params[0].is_floating_point():
+        if ema_params:  # our models' parameters are all floating point
             torch._foreach_lerp_(ema_params, params, 1.0 - d)
-        else:  # integer parameters do not exist in our models; keep them equal to the trained ones
-            for e, p in zip(ema_params, params):
-                e.copy_(p)
 
     return update
+
+
+@contextlib.contextmanager
+def _swapping(swap: Callable[[], None]) -> Iterator[None]:
+    """``swap()`` on entering the block and again on leaving it (a swap is its own inverse)."""
+    swap()
+    try:
+        yield
+    finally:
+        swap()
 
 
 class EMA(WeightAveraging):
@@ -51,10 +58,10 @@ class EMA(WeightAveraging):
             raise ValueError(f"ema.decay must lie in [0, 1), got {decay}")
         if every_n_steps < 1:
             raise ValueError(f"ema.every_n_steps must be >= 1, got {every_n_steps}")
-        # Buffers are not averaged (use_buffers=False): AveragedModel keeps them equal to the module's.
-        super().__init__(use_buffers=False, multi_avg_fn=_ema_update(decay, warmup))
-        self.decay, self.warmup, self.every_n_steps = decay, warmup, every_n_steps
         self._update = _ema_update(decay, warmup)
+        # Buffers are not averaged (use_buffers=False): AveragedModel keeps them equal to the module's.
+        super().__init__(use_buffers=False, multi_avg_fn=self._update)
+        self.decay, self.warmup, self.every_n_steps = decay, warmup, every_n_steps
         self._updates: int | None = None
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
@@ -67,7 +74,6 @@ class EMA(WeightAveraging):
         if not (trainer.global_step > self._latest_update_step and self.should_update(step_idx=trainer.global_step - 1)):
             return
         avg = self._average_model
-        assert avg is not None
         if self._updates is None:
             self._updates = int(avg.n_averaged)
         ema_p = [p.detach() for p in avg.module.parameters()]
@@ -107,17 +113,11 @@ class EMA(WeightAveraging):
             raise RuntimeError("the EMA exists only while fitting")
         return self._average_model.module.get_parameter(name)
 
-    @contextlib.contextmanager
-    def swapped(self, pl_module: pl.LightningModule) -> Iterator[None]:
+    def swapped(self, pl_module: pl.LightningModule) -> contextlib.AbstractContextManager:
         """The averaged weights in ``pl_module`` inside the block (no-op outside fit)."""
         if self._average_model is None:
-            yield
-            return
-        self._swap_models(pl_module)
-        try:
-            yield
-        finally:
-            self._swap_models(pl_module)
+            return contextlib.nullcontext()
+        return _swapping(lambda: self._swap_models(pl_module))
 
 
 class ShardedEMA(Callback):
@@ -138,14 +138,15 @@ class ShardedEMA(Callback):
         self.n_averaged = 0
         self._loaded_ema: dict[str, torch.Tensor] | None = None
 
-    def _local(self, trainer: pl.Trainer) -> list[torch.Tensor]:
-        return [p for p in trainer.strategy.model.parameters() if p.requires_grad]
-
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._params = self._local(trainer)
-        if self._loaded_ema is not None:  # resumed: the EMA's full state came with the checkpoint
-            with self._swap_in_state(trainer, pl_module, self._loaded_ema):
-                self._shadow = [p.detach().float().clone() for p in self._params]
+        self._params = [p for p in trainer.strategy.model.parameters() if p.requires_grad]
+        if self._loaded_ema is not None:  # resumed: load the EMA's full state (a collective), shadow it, restore
+            backup = [p.detach().clone() for p in self._params]
+            trainer.strategy.load_model_state_dict({"state_dict": self._loaded_ema}, strict=False)
+            self._shadow = [p.detach().float().clone() for p in self._params]
+            with torch.no_grad():
+                for p, b in zip(self._params, backup):
+                    p.copy_(b)
             self._loaded_ema = None
         elif self._shadow is None:
             self._shadow = [p.detach().float().clone() for p in self._params]
@@ -162,36 +163,14 @@ class ShardedEMA(Callback):
                 p.copy_(s.to(p.dtype))
                 s.copy_(tmp.float())
 
-    @contextlib.contextmanager
-    def swapped(self, pl_module: pl.LightningModule) -> Iterator[None]:
-        if self._shadow is None:
-            yield
-            return
-        self._swap()
-        try:
-            yield
-        finally:
-            self._swap()
-
-    @contextlib.contextmanager
-    def _swap_in_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict) -> Iterator[None]:
-        """Load a full state dict into the sharded model (a collective), restore the trained weights afterwards."""
-        backup = [p.detach().clone() for p in self._params]
-        trainer.strategy.load_model_state_dict({"state_dict": state}, strict=False)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, b in zip(self._params, backup):
-                    p.copy_(b)
+    def swapped(self, pl_module: pl.LightningModule) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self._shadow is None else _swapping(self._swap)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         if self._shadow is not None and not trainer.sanity_checking:
             self._swap()
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if self._shadow is not None and not trainer.sanity_checking:
-            self._swap()
+    on_validation_epoch_end = on_validation_epoch_start  # swapping back is the same swap
 
     def state_dict(self) -> dict:
         return {"latest_update_step": self.n_averaged}
@@ -202,11 +181,8 @@ class ShardedEMA(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if self._shadow is None:
             return
-        self._swap()  # every rank runs this hook (FSDP gathers the state dict collectively)
-        try:
+        with _swapping(self._swap):  # every rank runs this hook (FSDP gathers the state dict collectively)
             averaged = trainer.strategy.lightning_module_state_dict()
-        finally:
-            self._swap()
         checkpoint[CURRENT_KEY] = checkpoint["state_dict"]
         checkpoint["state_dict"] = averaged
         checkpoint["averaging_state"] = {"n_averaged": torch.tensor(self.n_averaged)}
@@ -219,21 +195,16 @@ class ShardedEMA(Callback):
 
 def find_ema(trainer: pl.Trainer | None) -> EMA | ShardedEMA | None:
     """The run's EMA callback, if any."""
-    if trainer is None:
-        return None
-    return next((cb for cb in trainer.callbacks if isinstance(cb, (EMA, ShardedEMA))), None)
+    return next((cb for cb in getattr(trainer, "callbacks", ()) if isinstance(cb, (EMA, ShardedEMA))), None)
 
 
-@contextlib.contextmanager
-def ema_weights(pl_module: pl.LightningModule) -> Iterator[None]:
+def ema_weights(pl_module: pl.LightningModule) -> contextlib.AbstractContextManager:
     """The EMA weights inside the block, when the run has an EMA (and outside validation, which swaps by itself)."""
     trainer = pl_module._trainer
     ema = find_ema(trainer)
     if ema is None or trainer.validating or trainer.sanity_checking:
-        yield
-        return
-    with ema.swapped(pl_module):
-        yield
+        return contextlib.nullcontext()
+    return ema.swapped(pl_module)
 
 
 __all__ = ["CURRENT_KEY", "EMA", "ShardedEMA", "ema_weights", "find_ema"]
