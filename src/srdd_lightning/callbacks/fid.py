@@ -1,26 +1,16 @@
 """``FIDCallback``: an FID monitor every N training steps, computed on all ranks from reduced statistics.
 
-Each rank generates its share of ``num_samples`` with the EMA weights — sample i has seed ``seed + i``
-and class ``i mod num_classes``, rank r takes the i ≡ r (mod world size) — extracts features, and the
-ranks sum their float64 feature statistics (n, Σx, Σxxᵀ; never images). Every rank then computes the
-same FID against the cached reference statistics of the train split, so the value is logged with
-``sync_dist=False`` under an honest key, e.g. ``val/fid_digits-classifier_1000``, that
-``ModelCheckpoint(monitor=...)`` can use. IS and class-consistency accuracy come from the logits
-(small), gathered with torchmetrics' ``gather_all_tensors``, when the extractor has a classifier head.
-A digits classifier or cached reference statistics made for other data are refused at the first
-evaluation. ``mode="reconstruct"`` scores the tokenizer: reconstructions of validation images (rFID,
-key ``val/rfid_<extractor>_<n>``).
+Sample i has seed ``seed + i`` and class ``i mod num_classes`` and is made by rank i mod world size with the EMA
+weights; the ranks sum their float64 feature statistics (n, Σx, Σxxᵀ; never images), so every rank computes the same
+FID against the train split's cached reference and logs it with ``sync_dist=False`` under an honest key
+(``val/fid_digits-classifier_1000``) that ``ModelCheckpoint(monitor=...)`` can use. IS and class accuracy come from
+the gathered logits when the extractor has a classifier head. ``mode="reconstruct"`` scores the tokenizer's
+reconstructions of validation images (``val/rfid_<extractor>_<n>``). An in-training monitor: table numbers come from
+``srdd sample`` → ``srdd evaluate``.
 
-This is an in-training monitor; table numbers come from ``srdd sample`` → ``srdd evaluate``.
-
-What a stage provides (``SRDDModule`` and ``TokenizerModule`` do):
-
-    generate:     pl_module.sampler() -> object with .sample(labels_B, SamplingConfig, seeds=[...]).images in [-1, 1]
-                  pl_module.generator.num_classes (real classes; 1 = unconditional)
-    reconstruct:  pl_module.reconstruct(img_B3HW) -> img_B3HW in [-1, 1]   (or pl_module.tokenizer.reconstruct)
-    both:         pl_module.ema_weights() -> context manager with the EMA weights loaded, or else
-                  pl_module.ema.swapped(pl_module.generator | pl_module.tokenizer) (models/ema.py);
-                  with neither, the current weights are used (with a warning)
+A stage provides ``ema_weights()`` (a context manager; without it the current weights are used, with a warning)
+and ``sampler().sample(labels_B, SamplingConfig, seeds=[...]).images`` in [-1, 1] with ``generator.num_classes``
+(generate), or ``reconstruct(img_B3HW)`` / ``tokenizer.reconstruct`` (reconstruct).
 """
 
 from __future__ import annotations
@@ -38,15 +28,8 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from srdd_lightning.data.index import ShardIndex
 from srdd_lightning.data.stream import ValShards
-from srdd_lightning.evaluation import (
-    DEFAULT_CACHE_DIR,
-    check_extractor_fits,
-    compute_metrics,
-    dataset_reference,
-    extractor_from_options,
-    has_class_logits,
-    load_index,
-)
+from srdd_lightning.evaluation import (DEFAULT_CACHE_DIR, check_extractor_fits, compute_metrics, dataset_reference,
+                                       extractor_from_options, has_class_logits, load_index)
 from srdd_lightning.metrics import FeatureExtractor, FeatureStats, ReferenceStats
 from srdd_lightning.sampling.config import SamplingConfig
 from srdd_lightning.utils.images import to_uint8
@@ -56,16 +39,14 @@ class FIDCallback(pl.Callback):
     """FID (and IS / class accuracy when the extractor has logits) every ``every_n_steps`` training steps.
 
     Args:
-        every_n_steps: Evaluate after every this many optimizer steps, independent of validation; never in the
-            sanity check or under ``fast_dev_run``.
-        num_samples: Samples in total over all ranks (generate), or the first validation images (reconstruct).
-            A few thousand is a monitor; table numbers come from ``srdd evaluate``.
+        every_n_steps: Evaluate after every this many optimizer steps (never in the sanity check or fast_dev_run).
+        num_samples: Samples over all ranks (generate), or the first validation images (reconstruct).
         extractor: ``digits-classifier`` (needs ``classifier``) or ``inception-v3-compat`` (needs
             ``inception_weights`` or the env var SRDD_INCEPTION_WEIGHTS).
         classifier: Digits classifier checkpoint (``srdd classifier``).
         inception_weights: torch-fidelity's Inception weights file.
-        data_root: Packed dataset whose train split is the reference (default: the datamodule's ``root``, or for a
-            token cache the packed images it was written from).
+        data_root: Packed dataset whose train split is the reference (default: the datamodule's ``root``, or the
+            packed images a token cache was written from).
         cache_dir: Folder of cached reference statistics (shared with ``srdd evaluate``).
         num_reference: Reference images (default: the whole train split).
         batch_size: Samples per sampler / extractor call on each rank.
@@ -75,22 +56,11 @@ class FIDCallback(pl.Callback):
         use_ema: Evaluate with the EMA weights (``pl_module.ema_weights()``).
     """
 
-    def __init__(
-        self,
-        every_n_steps: int = 1000,
-        num_samples: int = 1000,
-        extractor: str = "digits-classifier",
-        classifier: str | None = None,
-        inception_weights: str | None = None,
-        data_root: str | None = None,
-        cache_dir: str = DEFAULT_CACHE_DIR,
-        num_reference: int | None = None,
-        batch_size: int = 100,
-        seed: int = 0,
-        mode: Literal["generate", "reconstruct"] = "generate",
-        sampling: SamplingConfig | None = None,
-        use_ema: bool = True,
-    ):
+    def __init__(self, every_n_steps: int = 1000, num_samples: int = 1000, extractor: str = "digits-classifier",
+                 classifier: str | None = None, inception_weights: str | None = None, data_root: str | None = None,
+                 cache_dir: str = DEFAULT_CACHE_DIR, num_reference: int | None = None, batch_size: int = 100,
+                 seed: int = 0, mode: Literal["generate", "reconstruct"] = "generate",
+                 sampling: SamplingConfig | None = None, use_ema: bool = True):  # fmt: skip
         super().__init__()
         if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
             raise ValueError(f"FIDCallback: every_n_steps ({every_n_steps}) and batch_size ({batch_size}) must be >= 1, "
@@ -104,12 +74,9 @@ class FIDCallback(pl.Callback):
         self._extractor: FeatureExtractor | None = None
         self._reference: ReferenceStats | None = None
         self._index: ShardIndex | None = None
-        self._last_step = -1
-        self._warned_no_ema = False
+        self._last_step, self._warned_no_ema = -1, False
         self.last_metrics: dict[str, Any] = {}
         self.calls = 0  # evaluations run (tests count them)
-
-    # ---- keys ---------------------------------------------------------------------------------
 
     def metric_key(self, n: int | None = None, metric: str = "fid") -> str:
         """``val/fid_<extractor>_<n>`` (``val/rfid_...`` for reconstructions); the key to monitor."""
@@ -117,12 +84,10 @@ class FIDCallback(pl.Callback):
         return f"val/{name}_{self.extractor_name}_{self.num_samples if n is None else n}"
 
     # ---- lazy setup (on the module's device; the reference is computed by rank 0, then read by all) --------
-
     def _root(self, trainer: pl.Trainer) -> str:
         if self.data_root is not None:
             return self.data_root
-        dm = getattr(trainer, "datamodule", None)
-        # a token cache holds no images: the reference is the packed image folder it was written from
+        dm = getattr(trainer, "datamodule", None)  # a token cache holds no images: use the folder it was made from
         root = getattr(dm, "image_root", None) or getattr(dm, "root", None)
         if root is None:
             raise ValueError("FIDCallback needs data_root (the packed dataset of the reference), or a datamodule with .root")
@@ -137,31 +102,24 @@ class FIDCallback(pl.Callback):
         if self._extractor is None:
             extractor = extractor_from_options(self.extractor_name, self.classifier, self.inception_weights,
                                                pl_module.device)  # fmt: skip
-            index = load_index(self._root(trainer), option="FIDCallback data_root")
-            self._index = index
-            check_extractor_fits(extractor, index, self._resolution(trainer), option="FIDCallback classifier")
+            self._index = load_index(self._root(trainer), option="FIDCallback data_root")
+            check_extractor_fits(extractor, self._index, self._resolution(trainer), option="FIDCallback classifier")
             self._extractor = extractor
         if self._reference is None:
             res = self._resolution(trainer)
             build = lambda: dataset_reference(self._index, self._extractor, self.cache_dir, self.num_reference, res,  # noqa: E731
                                               self.batch_size, option="FIDCallback cache_dir")  # fmt: skip
-            if trainer.world_size > 1:
-                if trainer.is_global_zero:
-                    self._reference = build()  # computes and caches (atomically) on a miss
-                trainer.strategy.barrier("fid_reference")
-                if not trainer.is_global_zero:
-                    self._reference = build()  # now a cache hit
-            else:
-                self._reference = build()
+            if trainer.is_global_zero:
+                self._reference = build()  # computes and caches (atomically) on a miss
+            trainer.strategy.barrier("fid_reference")
+            if not trainer.is_global_zero:
+                self._reference = build()  # now a cache hit
 
-    # ---- triggers -----------------------------------------------------------------------------
-
-    def _disabled(self, trainer: pl.Trainer) -> bool:
-        return bool(trainer.sanity_checking or trainer.fast_dev_run)
-
+    # ---- the trigger and the evaluation --------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self._disabled(trainer) or step == 0 or step % self.every_n_steps or step == self._last_step:
+        disabled = trainer.sanity_checking or trainer.fast_dev_run
+        if disabled or step == 0 or step % self.every_n_steps or step == self._last_step:
             return
         self._last_step = step  # several batch ends share one optimizer step under gradient accumulation
         metrics = self.evaluate(trainer, pl_module)
@@ -172,34 +130,22 @@ class FIDCallback(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
-    # ---- the evaluation -----------------------------------------------------------------------
-
     def _ema(self, pl_module: pl.LightningModule):
-        """The stage's EMA weights: ``ema_weights()``, else ``ema.swapped(generator | tokenizer)``."""
-        if not self.use_ema:
-            return contextlib.nullcontext()
-        if hasattr(pl_module, "ema_weights"):
+        """The stage's ``ema_weights()``; the current weights (with a warning, once) without it."""
+        if self.use_ema and hasattr(pl_module, "ema_weights"):
             return pl_module.ema_weights()
-        target = getattr(pl_module, "generator" if self.mode == "generate" else "tokenizer", None)
-        ema = getattr(pl_module, "ema", None)
-        if ema is not None and hasattr(ema, "swapped") and isinstance(target, torch.nn.Module):
-            return ema.swapped(target)
-        if not self._warned_no_ema:
-            warnings.warn(f"FIDCallback: {type(pl_module).__name__} has neither ema_weights() nor ema.swapped(); "
-                          "evaluating the current weights", stacklevel=2)  # fmt: skip
+        if self.use_ema and not self._warned_no_ema:
+            warnings.warn(f"FIDCallback: {type(pl_module).__name__} has no ema_weights(); evaluating the current "
+                          "weights", stacklevel=2)  # fmt: skip
             self._warned_no_ema = True
         return contextlib.nullcontext()
 
-    def my_indices(self, rank: int, world_size: int, total: int) -> list[int]:
-        """Sample indices of this rank: i ≡ rank (mod world_size)."""
-        return list(range(rank, total, world_size))
-
-    def _batches(self, indices: list[int], total: int, world_size: int) -> list[tuple[list[int], bool]]:
-        """This rank's batches, padded so that every rank runs the same number of forward passes (FSDP)."""
-        per_rank = math.ceil(total / world_size)
-        n_batches = math.ceil(per_rank / self.batch_size)
+    def _batches(self, rank: int, world_size: int, total: int) -> list[tuple[list[int], bool]]:
+        """This rank's sample indices i ≡ rank (mod world_size) in batches, padded so that every rank runs the same
+        number of forward passes (FSDP); a padding batch is (one index, False)."""
+        indices = list(range(rank, total, world_size))
         out = []
-        for b in range(n_batches):
+        for b in range(math.ceil(math.ceil(total / world_size) / self.batch_size)):
             idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
             out.append((idx, True) if idx else ([indices[-1] if indices else 0], False))
         return out
@@ -218,10 +164,9 @@ class FIDCallback(pl.Callback):
             with self._ema(pl_module):
                 for idx_B, labels_B, img_B3HW in self._images(trainer, pl_module, rank, world):
                     if img_B3HW.shape[-1] != ref.resolution or img_B3HW.shape[-2] != ref.resolution:
-                        raise ValueError(
-                            f"FIDCallback: images are {tuple(img_B3HW.shape[-2:])} px but the reference statistics "
-                            f"({ref.path}) are for {ref.resolution} px; the data and the model disagree"
-                        )
+                        raise ValueError(f"FIDCallback: images are {tuple(img_B3HW.shape[-2:])} px but the reference "
+                                         f"statistics ({ref.path}) are for {ref.resolution} px; the data and the model "
+                                         f"disagree")  # fmt: skip
                     u8 = to_uint8(img_B3HW)
                     if ext.has_logits:
                         f_BD, l_BK = ext.features_and_logits(u8.to(ext.device))
@@ -234,7 +179,6 @@ class FIDCallback(pl.Callback):
         finally:
             pl_module.train(was_training)
         stats.all_reduce()
-        n = stats.n
         # IS splits and class accuracy need per-sample logits: gather them (N x K, small) and order by index,
         # so that every rank — and an offline run on the same samples — sees the same sequence.
         logits_NK = labels_N = None
@@ -247,20 +191,15 @@ class FIDCallback(pl.Callback):
         metrics = compute_metrics(stats, None, logits_NK, labels_N, ref, class_logits)
         self.last_metrics = metrics
         self.calls += 1
-        out = {self.metric_key(n): metrics["fid"]}
-        if "inception_score" in metrics:
-            out[self.metric_key(n, "is")] = metrics["inception_score"]
-        if "class_accuracy" in metrics:
-            out[self.metric_key(n, "class_acc")] = metrics["class_accuracy"]
-        return out
+        names = {"fid": "fid", "inception_score": "is", "class_accuracy": "class_acc"}
+        return {self.metric_key(stats.n, names[k]): metrics[k] for k in names if k in metrics}
 
     def _images(self, trainer, pl_module, rank: int, world: int):
         """(indices, labels, images in [-1, 1]) batches of this rank; padding batches are generated and dropped."""
         if self.mode == "generate":
             num_classes = int(pl_module.generator.num_classes)
             sampler = pl_module.sampler()
-            indices = self.my_indices(rank, world, self.num_samples)
-            for idx, real in self._batches(indices, self.num_samples, world):
+            for idx, real in self._batches(rank, world, self.num_samples):
                 labels = [i % num_classes for i in idx]
                 out = sampler.sample(torch.tensor(labels), self.sampling, seeds=[self.seed + i for i in idx])
                 if real:
@@ -269,12 +208,12 @@ class FIDCallback(pl.Callback):
         # reconstruct: the first num_samples validation images in shard order (independent of the world size)
         recon = getattr(pl_module, "reconstruct", None) or pl_module.tokenizer.reconstruct
         total = min(self.num_samples, self._index.split("val").total)
-        val = enumerate(ValShards(self._index.shard_paths("val"), self._resolution(trainer)))
-        pad = None
-        for idx, real in self._batches(self.my_indices(rank, world, total), total, world):
+        shards = lambda: ValShards(self._index.shard_paths("val"), self._resolution(trainer))  # noqa: E731
+        val, pad = enumerate(shards()), None
+        for idx, real in self._batches(rank, world, total):
             if not real:  # equal forward passes on every rank: reconstruct a repeated image, drop the result
                 if pad is None:  # this rank has no image at all (fewer images than ranks)
-                    pad = next(iter(ValShards(self._index.shard_paths("val"), self._resolution(trainer))))[0][None]
+                    pad = next(iter(shards()))[0][None]
                 recon(pad.to(pl_module.device))
                 continue
             wanted, got = set(idx), {}
@@ -289,11 +228,8 @@ class FIDCallback(pl.Callback):
 
 def _gather_rows(parts: list[torch.Tensor], empty_shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device) -> torch.Tensor:
-    """Every rank's rows (its ``parts`` concatenated), in rank order; ranks may hold different numbers of rows.
-
-    torchmetrics' ``gather_all_tensors`` pads to the longest rank and trims again; a rank with no rows sends
-    an ``empty_shape`` tensor. Identity without a process group.
-    """
+    """Every rank's rows (its ``parts`` concatenated; ``empty_shape`` if none) in rank order, through torchmetrics'
+    ``gather_all_tensors`` (ranks may hold different numbers of rows). Identity without a process group."""
     local = torch.cat(parts).to(dtype) if parts else torch.zeros(empty_shape, dtype=dtype, device=device)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local
