@@ -23,17 +23,16 @@ def log_image(trainer: pl.Trainer, key: str, grid_3HW: torch.Tensor, step: int) 
 
 
 class SampleGrid(pl.Callback):
-    """Every ``every_n_steps`` optimizer steps (and at the end of training), sample one row per class with fixed
-    seeds from the EMA weights; log it as ``samples/grid`` and save ``<run_dir>/samples/step_<k>.png``.
-
-    Works with any stage that offers ``sampler()``, ``ema_weights()`` and ``generator`` (``SRDDModule``). Every
-    rank samples the same grid (FSDP needs all ranks in each forward); only global rank 0 writes.
+    """Every ``every_n_steps`` optimizer steps (and at the end of training), one row per class of fixed-seed samples
+    from the EMA weights of a stage with ``sampler()``, ``ema_weights()`` and ``generator``, logged as
+    ``samples/grid`` and saved as ``<run_dir>/samples/step_<k>.png``. Every rank samples the grid (FSDP needs all
+    ranks in each forward); only global rank 0 writes.
 
     Args:
         every_n_steps: Sample after every this many optimizer steps (never during the sanity check).
         num_per_class: Columns: samples per class, seeds ``seed + column`` (fixed across the run).
-        classes: Rows: these class indices; None picks up to ``max_classes`` evenly spaced classes (an
-            unconditional model gets ``max_classes`` rows of its single class).
+        classes: Rows: these class indices; None: up to ``max_classes`` evenly spaced ones (an unconditional model
+            gets ``max_classes`` rows of its single class).
         max_classes: Upper bound on the rows when ``classes`` is None.
         seed: Base seed; sample (row r, column c) uses ``seed + r * num_per_class + c``.
         sampling: Sampling settings (guidance, top-k/top-p, ...); None uses the sampler's defaults.
@@ -42,24 +41,14 @@ class SampleGrid(pl.Callback):
         on_train_end: Also sample once when training ends.
     """
 
-    def __init__(
-        self,
-        every_n_steps: int = 500,
-        num_per_class: int = 8,
-        classes: list[int] | None = None,
-        max_classes: int = 10,
-        seed: int = 0,
-        sampling: SamplingConfig | None = None,
-        batch_size: int = 64,
-        upscale: int = 1,
-        on_train_end: bool = True,
-    ):
+    def __init__(self, every_n_steps: int = 500, num_per_class: int = 8, classes: list[int] | None = None,
+                 max_classes: int = 10, seed: int = 0, sampling: SamplingConfig | None = None, batch_size: int = 64,
+                 upscale: int = 1, on_train_end: bool = True):  # fmt: skip
         super().__init__()
         if every_n_steps < 1 or num_per_class < 1 or max_classes < 1 or batch_size < 1 or upscale < 1:
             raise ValueError("SampleGrid: every_n_steps, num_per_class, max_classes, batch_size and upscale must be >= 1")
         self.every_n_steps, self.num_per_class = every_n_steps, num_per_class
-        self.classes, self.max_classes, self.seed = classes, max_classes, seed
-        self.sampling = sampling or SamplingConfig()
+        self.classes, self.max_classes, self.seed, self.sampling = classes, max_classes, seed, sampling or SamplingConfig()
         self.batch_size, self.upscale, self.sample_on_train_end = batch_size, upscale, on_train_end
         self._last_step = -1
 

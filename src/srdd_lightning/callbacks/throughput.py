@@ -23,15 +23,11 @@ class Throughput(ThroughputMonitor):
 
     def __init__(self, window_size: int = 50) -> None:
         super().__init__(batch_size_fn=images_in_batch, window_size=window_size)
-        self._tokens_per_sample: int | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self._tokens_per_sample = getattr(pl_module, "tokens_per_sample", None)
-        self.length_fn = self._tokens if self._tokens_per_sample else None
+        tokens = getattr(pl_module, "tokens_per_sample", None)
+        self.length_fn = (lambda batch: images_in_batch(batch) * int(tokens)) if tokens else None
         super().setup(trainer, pl_module, stage)
-
-    def _tokens(self, batch: Any) -> int:
-        return images_in_batch(batch) * int(self._tokens_per_sample or 0)
 
 
 __all__ = ["Throughput", "images_in_batch"]
