@@ -28,11 +28,7 @@ def token_features(probs_BlV: torch.Tensor, tokens_Bl: torch.Tensor) -> torch.Te
     return torch.stack((p_tok.clamp_min(1e-12).log() / 10.0, probs_BlV.amax(-1), entropy), dim=-1).float()
 
 
-# --------------------------------------------------------------------------------------------
-# Refinement steps per sample and scale
-# --------------------------------------------------------------------------------------------
-
-
+# ---- refinement steps per sample and scale -------------------------------------------------
 @dataclass(frozen=True)
 class StepPolicyConfig:
     num_scales: int
@@ -55,15 +51,10 @@ class StepPolicyNet(nn.Module):
         nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, features_BF: torch.Tensor, scale: int) -> torch.Tensor:
-        h = self.inp(features_BF.float()) + self.scale_embed.weight[scale]
-        return self.mlp(h)
+        return self.mlp(self.inp(features_BF.float()) + self.scale_embed.weight[scale])
 
 
-# --------------------------------------------------------------------------------------------
-# Which tokens: the token critic
-# --------------------------------------------------------------------------------------------
-
-
+# ---- which tokens: the token critic --------------------------------------------------------
 @dataclass(frozen=True)
 class TokenCriticConfig:
     latent_dim: int
@@ -112,8 +103,8 @@ class TokenCriticNet(nn.Module):
         h_BlW = self.inp(torch.cat((x_BlC.float(), emb_BlC.float(), feats_Bl3.float()), dim=-1))
         h_BlW = h_BlW + self.scale_embed.weight[scale] + self.class_embed(labels_B)[:, None]
         h = h_BlW.transpose(1, 2).reshape(B, -1, pn, pn)
-        for blk in self.blocks:
-            h = blk(h)
+        for block in self.blocks:
+            h = block(h)
         return self.out(h).reshape(B, pn * pn)
 
 
