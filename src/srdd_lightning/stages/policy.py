@@ -11,34 +11,28 @@ filtered p_k, its first draw r_k, the state x_k = area_down(f̂_{k−1})) and ta
 
 Two objectives (``objective``):
 
-- ``critic`` (Token-Critic, supervised): real images re-quantized onto the schedule give the data's tokens r*_k and
-  states x*_k (teacher forcing); one teacher-forced pass of the generator gives p_k with the configured ``sampling``
-  settings (guidance, top-k/top-p, temperature); each sample replaces a share ρ ~ U[replace_min, replace_max] of its
-  tokens by draws from p_k; the critic learns y_bi = [token = r*_bi] by BCE, each scale weighted equally. The
-  policy it gives samples with ``critic.steps`` critic-driven mask steps at every scale (no extra generator pass).
-- ``reinforce`` (REINFORCE with a baseline): sample with the current policy's per-sample actions, decode, and
-  reward r_b = quality_b − λ·(tokens_b / tokens_without_refinement − 1); quality is the log-probability the
-  feature extractor's classifier gives the conditioned class (``class_logprob``, clamped at −10), the negative
-  distance of the sample's features to its class's real feature mean, in units of the real images' mean distance
-  (``feature_distance``), or the sample's share of −MMD² between the batch and the real features under a Gaussian
-  kernel (``mmd``: realism minus similarity to the rest of the batch, so collapsing onto the mode — which the
-  first two reward and FID penalises — is not rewarded); loss = −(r_b − b)·Σ_k log π(a_bk) − β·H(π),
-  b a running mean of the reward. λ
-  (``reward.cost_weight``) sets the operating point; a sweep of λ traces a cost–quality curve. With
-  ``reward.critic_ckpt`` the mask actions use a frozen critic trained by the first objective.
+- ``critic`` (Token-Critic, supervised): the data's tokens r*_k and states x*_k (teacher forcing) and one
+  teacher-forced generator pass with the ``sampling`` settings give p_k; each sample replaces a share
+  ρ ~ U[replace_min, replace_max] of its tokens by draws from p_k; the critic learns y_bi = [token = r*_bi] by BCE,
+  each scale weighted equally, and samples with ``critic.steps`` mask steps per scale (no extra generator pass).
+- ``reinforce`` (REINFORCE with a baseline): reward r_b = quality_b − λ·(tokens_b / tokens_without_refinement − 1)
+  of a sample drawn with the policy's actions (``reward.quality``; ``mmd``, unlike the others, does not reward
+  collapsing onto the mode, which FID penalises); loss = −(r_b − b)·Σ_k log π(a_bk) − β·H(π), b a running mean of
+  the reward. A sweep of λ (``reward.cost_weight``) traces a cost–quality curve; with ``reward.critic_ckpt`` the
+  mask actions use a frozen critic trained by the first objective.
 
-The generator (and its tokenizer) is frozen and loaded by path (``generator_ckpt``); it lives outside the module tree
-— in no checkpoint, optimizer, EMA copy or DDP wrapper — and the policy's checkpoints record its resolved path and
-weight fingerprint (EMA or not), so a policy refuses a generator with other weights, naming both. ``srdd sample
---policy_ckpt`` applies a policy; ``sampler()`` / ``ema_weights()`` / ``generator`` let ``FIDCallback`` score it.
+The generator (and its tokenizer) is frozen, loaded by path (``generator_ckpt``) and kept outside the module tree —
+in no checkpoint, optimizer, EMA copy or DDP wrapper; checkpoints record its path and weight fingerprint (EMA or
+not), so a policy refuses a generator with other weights, naming both. ``srdd sample --policy_ckpt`` applies it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import hashlib
+import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,36 +40,18 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from srdd_lightning.callbacks.ema import ema_weights
-from srdd_lightning.loading import (
-    STAGE_KEY,
-    fingerprint,
-    load_generator,
-    load_stage,
-    read_checkpoint,
-    resolve_checkpoint,
-    stage_class,
-    stage_state,
-)
-from srdd_lightning.models.policy import (
-    StepPolicyConfig,
-    StepPolicyNet,
-    TokenCriticConfig,
-    TokenCriticNet,
-    token_features,
-)
+from srdd_lightning.loading import (STAGE_KEY, fingerprint, load_generator, load_stage, read_checkpoint,
+                                    resolve_checkpoint, stage_class, stage_state)
+from srdd_lightning.models.policy import (StepPolicyConfig, StepPolicyNet, TokenCriticConfig, TokenCriticNet,
+                                          token_features)
 from srdd_lightning.sampling.config import RESAMPLE_MODES, SampleOutput, SamplingConfig
-from srdd_lightning.sampling.sampler import (
-    RefineDecision,
-    Sampler,
-    ScaleStats,
-    draw_tokens,
-    guided_logits,
-    sampling_probs,
-    scale_settings,
-)
+from srdd_lightning.sampling.sampler import (RefineDecision, Sampler, ScaleStats, draw_tokens, guided_logits,
+                                             sampling_probs, scale_settings)
+from srdd_lightning.utils.images import to_uint8
 from srdd_lightning.utils.seeding import mix_seed
 
 GENERATOR_OPTION = "model.init_args.generator_ckpt"
@@ -84,11 +60,7 @@ DIGITS_SAMPLING = SamplingConfig(cfg=0.0, top_k=900, top_p=0.96)  # the best fix
 QUALITY_FLOOR = -10.0  # class_logprob below this is clamped: one hopeless sample must not dominate the gradient
 
 
-# --------------------------------------------------------------------------------------------
-# Options
-# --------------------------------------------------------------------------------------------
-
-
+# ---- options ---------------------------------------------------------------------------------
 @dataclass
 class CriticOptions:
     """The token critic: its size, how it is trained (objective ``critic``) and how it samples."""
@@ -140,11 +112,11 @@ class RewardOptions:
     """REINFORCE's reward: quality − λ·relative cost, and how the gradient is formed."""
 
     quality: Literal["class_logprob", "feature_distance", "mmd"] = "class_logprob"
-    """``class_logprob``: log p(conditioned class | sample) under the extractor's classifier; ``feature_distance``:
-    −‖f − μ_class‖ / (mean distance of the real images to their class mean); ``mmd``: the sample's share of −MMD²
-    between the batch and the real images, mean_y k(f, y) − mean_j k(f, f_j) (j over the batch) with a Gaussian kernel of the real
-    features' median pairwise distance, in units of the real images' mean kernel — a distribution-level score that
-    also rewards diversity, as FID does. (KID's polynomial kernel is unbounded: it would reward outliers.)"""
+    """``class_logprob``: log p(conditioned class | sample) under the extractor's classifier (clamped at −10);
+    ``feature_distance``: −‖f − μ_class‖ / (mean distance of the real images to their class mean); ``mmd``: the
+    sample's share of −MMD² between the batch and the real images, mean_y k(f, y) − mean_j k(f, f_j) (j over the
+    batch), a Gaussian kernel of the real features' median pairwise distance, in units of the real images' mean
+    kernel: it also rewards diversity, as FID does. (KID's polynomial kernel is unbounded: it would reward outliers.)"""
     cost_weight: float = 0.1
     """λ: reward = quality − λ·(tokens / tokens without refinement − 1)."""
     extractor: str = "digits-classifier"
@@ -187,6 +159,10 @@ def _typed(cls, value):
     return value if isinstance(value, cls) else cls(**(value or {}))
 
 
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class _Shared:
     """Holds a frozen module outside the module tree; a deep copy (the EMA callback's) shares it instead of copying."""
 
@@ -197,18 +173,13 @@ class _Shared:
         return self
 
 
-# --------------------------------------------------------------------------------------------
-# The policy the sampler calls
-# --------------------------------------------------------------------------------------------
-
-
+# ---- the policy the sampler calls ------------------------------------------------------------
 class LearnedPolicy:
     """``Sampler.sample(policy=...)``: per-sample decisions from a step net and / or a token critic.
 
-    ``explore``: actions are drawn from the step net's distribution with ``generator`` and their log-probabilities
-    and entropies kept (with gradients) for REINFORCE; otherwise the most likely action is taken (deterministic,
-    independent of the batch). Without a step net every sample gets ``critic_steps`` critic-driven mask steps.
-    """
+    ``explore`` draws the actions with ``generator`` and keeps their log-probabilities and entropies (with gradients)
+    for REINFORCE; otherwise the most likely action is taken (independent of the batch). Without a step net every
+    sample gets ``critic_steps`` critic-driven mask steps."""
 
     def __init__(self, codebook: nn.Embedding, trained_pns: Sequence[int], step_net: StepPolicyNet | None = None,
                  critic_net: TokenCriticNet | None = None, actions: Sequence[tuple[str, int]] = (),
@@ -233,13 +204,10 @@ class LearnedPolicy:
 
     def critic_scores(self, stats: ScaleStats, tokens_Bl: torch.Tensor) -> torch.Tensor:
         """Keep-scores (B, pn²): the critic's probability that each token of ``tokens_Bl`` is the data's."""
-        net = self.critic_net
-        assert net is not None and stats.probs_BlV is not None
-        emb = self.codebook(tokens_Bl)
         feats = token_features(stats.probs_BlV, tokens_Bl)
         labels_B = stats.labels_B if stats.labels_B is not None else torch.zeros(tokens_Bl.shape[0], dtype=torch.long)
-        logits = net(stats.x_BlC, emb, feats, self._trained_index(stats.pn), labels_B.to(tokens_Bl.device), stats.pn)
-        return logits.sigmoid()
+        return self.critic_net(stats.x_BlC, self.codebook(tokens_Bl), feats, self._trained_index(stats.pn),
+                               labels_B.to(tokens_Bl.device), stats.pn).sigmoid()  # fmt: skip
 
     def _critic_steps(self, stats: ScaleStats) -> int:
         steps = self.critic_steps
@@ -251,8 +219,7 @@ class LearnedPolicy:
         return int(steps)
 
     def __call__(self, stats: ScaleStats) -> RefineDecision:
-        B = stats.entropy_B.shape[0]
-        device = stats.entropy_B.device
+        B, device = stats.entropy_B.shape[0], stats.entropy_B.device
         critic = self.critic_scores if self.critic_net is not None else None
         p_res = self.threshold if critic is not None else stats.p_resample
         if self.step_net is None:
@@ -271,33 +238,27 @@ class LearnedPolicy:
         return RefineDecision(steps_B, modes, p_res, critic)
 
 
+@dataclass
 class PolicySampler:
     """A :class:`Sampler` that applies a policy: ``.sample(labels, config, seeds=...)`` as FIDCallback calls it."""
 
-    def __init__(self, sampler: Sampler, policy: LearnedPolicy) -> None:
-        self.sampler, self.policy = sampler, policy
-
-    def schedule(self, schedule: Sequence[int] | None = None):
-        return self.sampler.schedule(schedule)
+    sampler: Sampler
+    policy: LearnedPolicy
 
     def sample(self, labels_B, config: SamplingConfig | None = None, seeds=None, edit=None) -> SampleOutput:
         return self.sampler.sample(labels_B, config, seeds=seeds, edit=edit, policy=self.policy)
 
 
-# --------------------------------------------------------------------------------------------
-# The stage
-# --------------------------------------------------------------------------------------------
-
-
+# ---- the stage -------------------------------------------------------------------------------
 class ResamplingPolicyModule(pl.LightningModule):
     """Stage 3: learn where a frozen generator's refinement is spent (see the module docstring).
 
     Args:
-        generator_ckpt: The frozen generator: an SRDDModule run folder (``runs/digits/srdd``: its newest last.ckpt) or
-            file (from Python, also an already loaded generator module). Only its path and fingerprint are stored.
+        generator_ckpt: The frozen generator: an SRDDModule run folder (its newest last.ckpt) or file (from Python,
+            also a loaded generator module). Only its path and fingerprint are stored.
         objective: ``critic`` (supervised token critic) or ``reinforce`` (policy gradient on quality − λ·cost).
-        sampling: The sampling settings the policy is trained for (guidance, top-k/top-p, temperature, schedule); its
-            refinement fields are replaced by the policy's decisions. Default: the best fixed digits setting.
+        sampling: The sampling settings the policy is trained for (its refinement fields are the policy's decisions).
+            Default: the best fixed digits setting.
         critic: The token critic's size, training and sampling steps.
         steps: The action set and network of the per-sample step policy (``reinforce``).
         reward: Reward, baseline, entropy bonus and extractor (``reinforce``).
@@ -315,19 +276,11 @@ class ResamplingPolicyModule(pl.LightningModule):
         if critic_ckpt:
             resolve_checkpoint(critic_ckpt, "model.init_args.reward.critic_ckpt")
 
-    def __init__(
-        self,
-        generator_ckpt: str,
-        objective: Literal["critic", "reinforce"] = "critic",
-        sampling: SamplingConfig = DIGITS_SAMPLING,
-        critic: CriticOptions = CriticOptions(),
-        steps: StepOptions = StepOptions(),
-        reward: RewardOptions = RewardOptions(),
-        optim: PolicyOptim = PolicyOptim(),
-        generator_ema: bool = True,
-        num_classes: int | None = None,
-        image_size: int | None = None,
-    ):
+    def __init__(self, generator_ckpt: str, objective: Literal["critic", "reinforce"] = "critic",
+                 sampling: SamplingConfig = DIGITS_SAMPLING, critic: CriticOptions = CriticOptions(),
+                 steps: StepOptions = StepOptions(), reward: RewardOptions = RewardOptions(),
+                 optim: PolicyOptim = PolicyOptim(), generator_ema: bool = True, num_classes: int | None = None,
+                 image_size: int | None = None):  # fmt: skip
         super().__init__()
         if objective not in ("critic", "reinforce"):
             raise ValueError(f"model.init_args.objective must be critic or reinforce, got {objective!r}")
@@ -339,21 +292,17 @@ class ResamplingPolicyModule(pl.LightningModule):
         self.sampling, self.critic_opts, self.step_opts, self.reward_opts, self.optim = sampling, critic, steps, reward, optim
 
         # ---- the frozen generator, outside the module tree
-        if isinstance(generator_ckpt, nn.Module):
-            gen_module = generator_ckpt
-        else:
-            gen_module = load_generator(resolve_checkpoint(generator_ckpt, GENERATOR_OPTION), ema=generator_ema)
+        gen_module = generator_ckpt if isinstance(generator_ckpt, nn.Module) else \
+            load_generator(resolve_checkpoint(generator_ckpt, GENERATOR_OPTION), ema=generator_ema)  # fmt: skip
         gen_module.eval().requires_grad_(False)
-        self._gen = _Shared(gen_module)
+        self._gen, gen = _Shared(gen_module), gen_module.generator
         path = getattr(gen_module, "checkpoint_path", None) or str(generator_ckpt)
         self.hparams.generator_ckpt = path
         self.generator_info = {
-            "path": path, "abspath": str(Path(path).resolve()), "fingerprint": fingerprint(gen_module.generator),
+            "path": path, "abspath": str(Path(path).resolve()), "fingerprint": fingerprint(gen),
             "ema": bool(getattr(gen_module, "loaded_with_ema", generator_ema)),
             "tokenizer_fingerprint": gen_module.tokenizer_info["fingerprint"],
-            "patch_nums": list(gen_module.generator.patch_nums), "num_classes": int(gen_module.generator.num_classes),
-        }  # fmt: skip
-        gen = gen_module.generator
+            "patch_nums": list(gen.patch_nums), "num_classes": int(gen.num_classes)}  # fmt: skip
         if num_classes is not None and num_classes != gen.num_classes:
             raise ValueError(f"the data has {num_classes} classes but the generator {path} ({GENERATOR_OPTION}) was "
                              f"trained on {gen.num_classes}")  # fmt: skip
@@ -378,18 +327,11 @@ class ResamplingPolicyModule(pl.LightningModule):
         self._run_seed = torch.initial_seed()
         self._weights_set = False
         self._reward_model: _Shared | None = None  # the feature extractor (not a submodule: in no checkpoint)
-        self._class_means: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._real_features: torch.Tensor | None = None  # (N, D) for quality: kid
+        # the reward's reference, computed at the first reward: class feature means and scale, real features (N, D)
+        self._class_means = self._real_features = self._base_tokens = None
         self._kernel_scale, self._bandwidth = 1.0, 1.0
-        self._base_tokens: float | None = None
-        self._val: dict[str, list] = {}
 
     # ---- the frozen generator ---------------------------------------------------------------------
-
-    @property
-    def generator_module(self):
-        return self._gen.module
-
     @property
     def generator(self):
         """The frozen VARTransformer (``FIDCallback`` reads ``num_classes``)."""
@@ -411,7 +353,6 @@ class ResamplingPolicyModule(pl.LightningModule):
         return self
 
     # ---- policies and samplers --------------------------------------------------------------------
-
     def policy(self, explore: bool = False, generator: torch.Generator | None = None) -> LearnedPolicy:
         """The policy of the current weights, for ``Sampler.sample(policy=...)``."""
         return LearnedPolicy(self.tokenizer.quantizer.codebook, self.generator.patch_nums, self.step_net, self.critic_net,
@@ -420,9 +361,6 @@ class ResamplingPolicyModule(pl.LightningModule):
 
     def fingerprint(self) -> str:
         """Short hash of what the policy's decisions depend on: its weights and its decision options."""
-        import hashlib
-        import json
-
         options = {k: self.hparams.get(k) for k in ("objective", "critic", "steps")}
         text = fingerprint(self) + json.dumps(options, sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -434,14 +372,11 @@ class ResamplingPolicyModule(pl.LightningModule):
         """A sampler that applies this policy (current weights; inside ``ema_weights()`` the EMA ones)."""
         return PolicySampler(self.base_sampler(), self.policy())
 
-    @contextlib.contextmanager
-    def ema_weights(self) -> Iterator[None]:
+    def ema_weights(self):
         """The policy's EMA weights inside the block (when the run has the EMA callback)."""
-        with ema_weights(self):
-            yield
+        return ema_weights(self)
 
     # ---- setup ------------------------------------------------------------------------------------
-
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.trainer.gradient_clip_val is not None:
             raise ValueError(f"trainer.gradient_clip_val={self.trainer.gradient_clip_val} is set, but the policy clips "
@@ -454,7 +389,7 @@ class ResamplingPolicyModule(pl.LightningModule):
         """The critic of a policy trained with ``objective: critic`` on the same generator weights."""
         option = "model.init_args.reward.critic_ckpt"
         file, ckpt = read_checkpoint(path, option)
-        if stage_class(ckpt) != f"{type(self).__module__}.{type(self).__qualname__}":
+        if stage_class(ckpt) != _class_path(type(self)):
             raise ValueError(f"{file} ({option}) is not a ResamplingPolicyModule checkpoint")
         self._check_generator(ckpt, f"{file} ({option})")
         state = stage_state(ckpt, "critic_net.")
@@ -472,7 +407,6 @@ class ResamplingPolicyModule(pl.LightningModule):
         return self.rng.manual_seed(mix_seed(self._run_seed, self.global_rank, self.global_step, batch_idx))
 
     # ---- objective 1: the token critic --------------------------------------------------------------
-
     @torch.no_grad()
     def teacher_forced_probs(self, img_B3HW: torch.Tensor, labels_B: torch.Tensor):
         """Data tokens r*_k, states x*_k (None at the first scale) and the generator's p_k per scale of the sampling
@@ -485,16 +419,14 @@ class ResamplingPolicyModule(pl.LightningModule):
         cond = gen(labels_B, x_BLC, schedule=sched)
         uncond = gen(torch.full_like(labels_B, gen.null_class), x_BLC, schedule=sched) \
             if any(st.guidance > 0 for st in settings) else None  # fmt: skip
-        out, start, x_start = [], 0, 0
+        out, start, n0 = [], 0, sched[0] ** 2  # x_BLC starts at the second scale
         for st, t in zip(settings, tokens):
             n = st.pn * st.pn
             logits = cond[:, start : start + n].float()
             if uncond is not None and st.guidance > 0:
                 logits = guided_logits(logits, uncond[:, start : start + n].float(), st.guidance)
-            probs = sampling_probs(logits, st.top_k, st.top_p, st.temperature)
-            x_k = None if start == 0 else x_BLC[:, x_start : x_start + n]
-            x_start += n if start > 0 else 0
-            out.append((t.flatten(1), x_k, probs))
+            x_k = None if start == 0 else x_BLC[:, start - n0 : start - n0 + n]
+            out.append((t.flatten(1), x_k, sampling_probs(logits, st.top_k, st.top_p, st.temperature)))
             start += n
         return out
 
@@ -503,33 +435,29 @@ class ResamplingPolicyModule(pl.LightningModule):
         lo, hi = self.critic_opts.replace_min, self.critic_opts.replace_max
         B, dev = labels_B.shape[0], labels_B.device
         rho_B = (lo + (hi - lo) * torch.rand(B, generator=rng)).to(dev)
-        out = []
-        for k, (real_Bl, x_BlC, probs_BlV) in enumerate(self.teacher_forced_probs(img_B3HW, labels_B)):
+        out, forced = [], self.teacher_forced_probs(img_B3HW, labels_B)
+        for pn, (real_Bl, x_BlC, probs_BlV) in zip(self.sampling_schedule, forced):
             l = real_Bl.shape[1]
             fake_Bl = draw_tokens(probs_BlV, torch.rand(B, l, generator=rng).to(dev))
             replace_Bl = torch.rand(B, l, generator=rng).to(dev) < rho_B[:, None]
             mixed_Bl = torch.where(replace_Bl, fake_Bl, real_Bl)
-            target_Bl = (mixed_Bl == real_Bl).float()
-            pn = self.sampling_schedule[k]
-            logits_Bl = self.critic_net(x_BlC, self.tokenizer.quantizer.codebook(mixed_Bl), token_features(probs_BlV, mixed_Bl),
-                                        self.generator.patch_nums.index(pn), labels_B, pn)
+            logits_Bl = self.critic_net(x_BlC, self.tokenizer.quantizer.codebook(mixed_Bl),
+                                        token_features(probs_BlV, mixed_Bl), self.generator.patch_nums.index(pn),
+                                        labels_B, pn)  # fmt: skip
             p_tok_Bl = probs_BlV.gather(-1, mixed_Bl.unsqueeze(-1)).squeeze(-1)
-            out.append((logits_Bl, target_Bl, p_tok_Bl))
+            out.append((logits_Bl, (mixed_Bl == real_Bl).float(), p_tok_Bl))
         return out
 
     def _critic_step(self, batch, batch_idx: int) -> torch.Tensor:
         img, labels = batch
         per_scale = self.critic_forward(img, labels, self._step_rng(batch_idx))
-        losses = [F.binary_cross_entropy_with_logits(lg, y) for lg, y, _ in per_scale]
-        loss = torch.stack(losses).mean()  # each scale weighted equally: the 1x1 and 2x2 maps count as much as 8x8
+        # each scale weighted equally: the 1x1 and 2x2 maps count as much as 8x8
+        loss = torch.stack([F.binary_cross_entropy_with_logits(lg, y) for lg, y, _ in per_scale]).mean()
         B = labels.shape[0]
         with torch.no_grad():
-            metrics = {"train/critic_loss": loss}
-            accs = []
-            for pn, (lg, y, _) in zip(self.sampling_schedule, per_scale):
-                acc = ((lg > 0).float() == y).float().mean()
-                accs.append(acc)
-                metrics[f"train/critic_acc_{pn}x{pn}"] = acc
+            accs = [((lg > 0).float() == y).float().mean() for lg, y, _ in per_scale]
+            metrics = {"train/critic_loss": loss, **{f"train/critic_acc_{pn}x{pn}": acc for pn, acc in
+                                                     zip(self.sampling_schedule, accs)}}  # fmt: skip
             metrics["train/critic_acc"] = torch.stack(accs).mean()
             metrics["train/data_token_share"] = torch.cat([y.flatten() for _, y, _ in per_scale]).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
@@ -537,7 +465,6 @@ class ResamplingPolicyModule(pl.LightningModule):
         return loss
 
     # ---- objective 2: REINFORCE ---------------------------------------------------------------------
-
     def _prepare_reward(self) -> None:
         """The extractor, and for ``feature_distance`` the real class feature means (train split)."""
         if self._reward_model is not None:
@@ -578,8 +505,6 @@ class ResamplingPolicyModule(pl.LightningModule):
     @torch.no_grad()
     def quality(self, images_B3HW: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
         """The per-sample quality score of the reward (see ``reward.quality``)."""
-        from srdd_lightning.utils.images import to_uint8
-
         self._prepare_reward()
         ext = self._reward_model.module
         u8 = to_uint8(images_B3HW).to(ext.device)
@@ -647,8 +572,6 @@ class ResamplingPolicyModule(pl.LightningModule):
         self.log_dict(shares, batch_size=policy.chosen[0].numel() if policy.chosen else 1)
         if self._trainer is None or self.global_step % max(1, self._trainer.log_every_n_steps) != 0:
             return
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         for logger in self._trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 for pn, a_B in zip(self.sampling_schedule, policy.chosen):
@@ -656,11 +579,9 @@ class ResamplingPolicyModule(pl.LightningModule):
                                                     bins=torch.arange(len(names) + 1).float() - 0.5)  # fmt: skip
 
     # ---- steps ------------------------------------------------------------------------------------
-
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        if self.hparams.objective == "critic":
-            return self._critic_step(batch, batch_idx)
-        return self._reinforce_step(batch, batch_idx)
+        step = self._critic_step if self.hparams.objective == "critic" else self._reinforce_step
+        return step(batch, batch_idx)
 
     def on_validation_epoch_start(self) -> None:
         self._val = {}
@@ -687,22 +608,18 @@ class ResamplingPolicyModule(pl.LightningModule):
             return
         accs, aucs = [], []
         for k, parts in sorted(self._val.items()):
-            pn = self.sampling_schedule[k]
-            lg, y, p = (torch.cat(t) for t in zip(*parts))
-            acc = ((lg > 0).float() == y).float().mean()
-            both = 0 < float(y.mean()) < 1
-            auc = binary_auroc(lg.sigmoid(), y.long()) if both else torch.tensor(float("nan"))
+            pn, (lg, y, p) = self.sampling_schedule[k], (torch.cat(t) for t in zip(*parts))
+            accs.append(((lg > 0).float() == y).float().mean())
+            both = 0 < float(y.mean()) < 1  # an AUC needs both classes
+            aucs.append(binary_auroc(lg.sigmoid(), y.long()) if both else torch.tensor(float("nan")))
             p_auc = binary_auroc(p, y.long()) if both else torch.tensor(float("nan"))
-            accs.append(acc)
-            aucs.append(auc)
-            self.log_dict({f"val/critic_acc_{pn}x{pn}": acc, f"val/critic_auc_{pn}x{pn}": auc,
+            self.log_dict({f"val/critic_acc_{pn}x{pn}": accs[-1], f"val/critic_auc_{pn}x{pn}": aucs[-1],
                            f"val/p_auc_{pn}x{pn}": p_auc}, sync_dist=True)  # fmt: skip
         self.log("val/critic_acc", torch.stack(accs).mean(), sync_dist=True)
         self.log("val/critic_auc", torch.stack(aucs).nanmean(), prog_bar=True, sync_dist=True)
         self._val = {}
 
     # ---- optimisation -----------------------------------------------------------------------------
-
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
@@ -712,10 +629,8 @@ class ResamplingPolicyModule(pl.LightningModule):
         self.log("train/grad_norm", torch.nn.utils.clip_grad_norm_(params, self.optim.grad_clip or math.inf))
 
     # ---- checkpoints: the generator is referenced, not stored -----------------------------------------
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        cls = type(self)
-        checkpoint[STAGE_KEY] = f"{cls.__module__}.{cls.__qualname__}"
+        checkpoint[STAGE_KEY] = _class_path(type(self))
         checkpoint[CKPT_GENERATOR_KEY] = dict(self.generator_info)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -723,22 +638,26 @@ class ResamplingPolicyModule(pl.LightningModule):
         self._weights_set = True
 
     def _check_generator(self, checkpoint: dict[str, Any], what: str) -> None:
-        saved, now = checkpoint.get(CKPT_GENERATOR_KEY) or {}, self.generator_info
-        if saved.get("fingerprint") not in (None, now["fingerprint"]):
-            raise ValueError(
-                f"{what} was trained on the generator {saved.get('path')} (weights {saved.get('fingerprint')}, "
-                f"EMA {saved.get('ema')}), but the generator given now is {now['path']} (weights {now['fingerprint']}, "
-                f"EMA {now['ema']}): its decisions and critic were learned for another generator's predictions; use "
-                f"the generator (and --ema) it was trained on, or train a policy for this one"
-            )
+        now = self.generator_info
+        _refuse_other_generator(checkpoint, what, f"the generator given now is {now['path']}", now["fingerprint"],
+                                now["ema"], "its decisions and critic were learned for another generator's "
+                                "predictions; use the generator (and --ema)")  # fmt: skip
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another stage, or one trained on another generator (both named)."""
         stage = checkpoint.get(STAGE_KEY)
-        cls = type(self)
-        if stage is not None and stage != f"{cls.__module__}.{cls.__qualname__}":
-            raise ValueError(f"the checkpoint was written by {stage}, not by {cls.__qualname__}")
+        if stage is not None and stage != _class_path(type(self)):
+            raise ValueError(f"the checkpoint was written by {stage}, not by {type(self).__qualname__}")
         self._check_generator(checkpoint, "this policy")
+
+
+def _refuse_other_generator(checkpoint: dict[str, Any], what: str, paired: str, now: str, ema, use: str) -> None:
+    """Refuse a policy checkpoint whose recorded generator weights are not ``now``, naming both."""
+    saved = checkpoint.get(CKPT_GENERATOR_KEY) or {}
+    if saved.get("fingerprint") not in (None, now):
+        raise ValueError(f"{what} was trained on the generator {saved.get('path')} (weights "
+                         f"{saved.get('fingerprint')}, EMA {saved.get('ema')}), but {paired} (weights {now}, EMA {ema}): "
+                         f"{use} it was trained on, or train a policy for this one")  # fmt: skip
 
 
 def load_policy(path: str, generator_module=None, option: str = "--policy_ckpt") -> ResamplingPolicyModule:
@@ -746,35 +665,17 @@ def load_policy(path: str, generator_module=None, option: str = "--policy_ckpt")
     ``srdd sample``'s) or, without one, on the generator it records. A generator whose weights differ from the ones
     the policy was trained on is refused before anything is built, with both named."""
     file, ckpt = read_checkpoint(path, option)
-    expect = f"{ResamplingPolicyModule.__module__}.{ResamplingPolicyModule.__qualname__}"
-    if stage_class(ckpt) != expect:
-        what = stage_class(ckpt)
+    if (what := stage_class(ckpt)) != _class_path(ResamplingPolicyModule):
         raise ValueError(f"{file} ({option}) is not a resampling-policy checkpoint"
                          f"{f': it was written by {what}' if what else ''}")  # fmt: skip
-    overrides = {}
-    if generator_module is not None:
-        saved = ckpt.get(CKPT_GENERATOR_KEY) or {}
-        now = fingerprint(generator_module.generator)
-        if saved.get("fingerprint") not in (None, now):
-            given = getattr(generator_module, "checkpoint_path", "the given generator")
-            ema = getattr(generator_module, "loaded_with_ema", None)
-            raise ValueError(
-                f"{file} ({option}) was trained on the generator {saved.get('path')} (weights {saved.get('fingerprint')}, "
-                f"EMA {saved.get('ema')}), but it is paired with {given} (weights {now}, EMA {ema}): use the generator "
-                f"(--ckpt, --ema) it was trained on, or train a policy for this one"
-            )
-        overrides["generator_ckpt"] = generator_module
-    return load_stage(file, expect=ResamplingPolicyModule, option=option, **overrides)
+    if generator_module is None:
+        return load_stage(file, expect=ResamplingPolicyModule, option=option)
+    given = getattr(generator_module, "checkpoint_path", "the given generator")
+    _refuse_other_generator(ckpt, f"{file} ({option})", f"it is paired with {given}",
+                            fingerprint(generator_module.generator), getattr(generator_module, "loaded_with_ema", None),
+                            "use the generator (--ckpt, --ema)")  # fmt: skip
+    return load_stage(file, expect=ResamplingPolicyModule, option=option, generator_ckpt=generator_module)
 
 
-__all__ = [
-    "CKPT_GENERATOR_KEY",
-    "CriticOptions",
-    "LearnedPolicy",
-    "PolicyOptim",
-    "PolicySampler",
-    "ResamplingPolicyModule",
-    "RewardOptions",
-    "StepOptions",
-    "load_policy",
-]
+__all__ = ["CKPT_GENERATOR_KEY", "CriticOptions", "LearnedPolicy", "PolicyOptim", "PolicySampler",
+           "ResamplingPolicyModule", "RewardOptions", "StepOptions", "load_policy"]  # fmt: skip
