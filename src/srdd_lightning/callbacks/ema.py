@@ -27,7 +27,7 @@ def _ema_update(decay: float, warmup: bool):
     def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n_averaged: torch.Tensor | int) -> None:
         n = int(n_averaged)  # updates so far (a host int from EMA / ShardedEMA); AveragedModel copies at the first
         d = min(decay, (1 + n) / (10 + n)) if warmup else decay
-        if ema_params:  # our models' parameters are all floating point
+        if ema_params:  # _foreach_lerp_ refuses an empty list; our models have floating-point parameters only
             torch._foreach_lerp_(ema_params, params, 1.0 - d)
 
     return update

@@ -1,16 +1,11 @@
 """``FIDCallback``: an FID monitor every N training steps, computed on all ranks from reduced statistics.
 
-Sample i has seed ``seed + i`` and class ``i mod num_classes`` and is made by rank i mod world size with the EMA
-weights; the ranks sum their float64 feature statistics (n, Σx, Σxxᵀ; never images), so every rank computes the same
-FID against the train split's cached reference and logs it with ``sync_dist=False`` under an honest key
-(``val/fid_digits-classifier_1000``) that ``ModelCheckpoint(monitor=...)`` can use. IS and class accuracy come from
-the gathered logits when the extractor has a classifier head. ``mode="reconstruct"`` scores the tokenizer's
-reconstructions of validation images (``val/rfid_<extractor>_<n>``). An in-training monitor: table numbers come from
-``srdd sample`` → ``srdd evaluate``.
-
-A stage provides ``ema_weights()`` (a context manager; without it the current weights are used, with a warning)
-and ``sampler().sample(labels_B, SamplingConfig, seeds=[...]).images`` in [-1, 1] with ``generator.num_classes``
-(generate), or ``reconstruct(img_B3HW)`` / ``tokenizer.reconstruct`` (reconstruct).
+Sample i (seed ``seed + i``, class ``i mod num_classes``) is made by rank i mod world size with the EMA weights
+(``ema_weights()``); the ranks sum float64 feature statistics (n, Σx, Σxxᵀ; never images), so every rank computes the
+same FID against the train split's cached reference and logs it with ``sync_dist=False`` under a key that
+``ModelCheckpoint(monitor=...)`` can use (``val/fid_digits-classifier_1000``). IS and class accuracy come from the
+gathered logits. ``mode="reconstruct"`` scores ``reconstruct(img_B3HW)`` of validation images (``val/rfid_...``).
+An in-training monitor: table numbers come from ``srdd sample`` → ``srdd evaluate``.
 """
 
 from __future__ import annotations
@@ -19,6 +14,7 @@ import contextlib
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -140,15 +136,13 @@ class FIDCallback(pl.Callback):
             self._warned_no_ema = True
         return contextlib.nullcontext()
 
-    def _batches(self, rank: int, world_size: int, total: int) -> list[tuple[list[int], bool]]:
+    def _batches(self, rank: int, world_size: int, total: int) -> Iterator[tuple[list[int], bool]]:
         """This rank's sample indices i ≡ rank (mod world_size) in batches, padded so that every rank runs the same
         number of forward passes (FSDP); a padding batch is (one index, False)."""
         indices = list(range(rank, total, world_size))
-        out = []
         for b in range(math.ceil(math.ceil(total / world_size) / self.batch_size)):
             idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
-            out.append((idx, True) if idx else ([indices[-1] if indices else 0], False))
-        return out
+            yield (idx, True) if idx else ([indices[-1] if indices else 0], False)
 
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:

@@ -91,9 +91,8 @@ class SampleGrid(pl.Callback):
         log_image(trainer, "samples/grid", grid, step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.sanity_checking or trainer.global_step == 0 or trainer.global_step % self.every_n_steps:
-            return
-        self._run(trainer, pl_module)
+        if not (trainer.sanity_checking or trainer.global_step == 0 or trainer.global_step % self.every_n_steps):
+            self._run(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.sample_on_train_end and trainer.global_step > 0:

@@ -14,8 +14,7 @@ def images_in_batch(batch: Any) -> int:
 
 class Throughput(ThroughputMonitor):
     """Samples and batches per second; tokens per second (``items_per_sec``) where the stage gives
-    ``tokens_per_sample`` (the generator: L tokens per image); FLOPs/s and MFU where it gives ``flops_per_batch``
-    (the generator does) and the device's peak is known (CUDA). The CLI adds it to every run with a logger.
+    ``tokens_per_sample``, FLOPs/s and MFU where it gives ``flops_per_batch`` and the device's peak is known (CUDA).
 
     Args:
         window_size: Batches averaged per reported value.

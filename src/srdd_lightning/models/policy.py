@@ -103,8 +103,8 @@ class TokenCriticNet(nn.Module):
         h_BlW = self.inp(torch.cat((x_BlC.float(), emb_BlC.float(), feats_Bl3.float()), dim=-1))
         h_BlW = h_BlW + self.scale_embed.weight[scale] + self.class_embed(labels_B)[:, None]
         h = h_BlW.transpose(1, 2).reshape(B, -1, pn, pn)
-        for block in self.blocks:
-            h = block(h)
+        for blk in self.blocks:
+            h = blk(h)
         return self.out(h).reshape(B, pn * pn)
 
 

@@ -196,11 +196,10 @@ class LearnedPolicy:
         self.chosen: list[torch.Tensor] = []  # per scale: the action index of each sample (B,)
 
     def _trained_index(self, pn: int) -> int:
-        try:
-            return self.trained_pns.index(pn)
-        except ValueError:
+        if pn not in self.trained_pns:
             raise ValueError(f"the policy was trained on the scales {self.trained_pns}; a {pn}x{pn} scale is not "
-                             f"among them") from None  # fmt: skip
+                             f"among them")  # fmt: skip
+        return self.trained_pns.index(pn)
 
     def critic_scores(self, stats: ScaleStats, tokens_Bl: torch.Tensor) -> torch.Tensor:
         """Keep-scores (B, pn²): the critic's probability that each token of ``tokens_Bl`` is the data's."""
@@ -238,7 +237,7 @@ class LearnedPolicy:
         return RefineDecision(steps_B, modes, p_res, critic)
 
 
-@dataclass
+@dataclass(eq=False)
 class PolicySampler:
     """A :class:`Sampler` that applies a policy: ``.sample(labels, config, seeds=...)`` as FIDCallback calls it."""
 
@@ -272,8 +271,7 @@ class ResamplingPolicyModule(pl.LightningModule):
     def check_init_args(init_args: dict) -> None:
         """Called by ``srdd`` before building the module: the generator (and critic) checkpoints must exist."""
         resolve_checkpoint(init_args["generator_ckpt"], GENERATOR_OPTION)
-        critic_ckpt = (init_args.get("reward") or {}).get("critic_ckpt")
-        if critic_ckpt:
+        if critic_ckpt := (init_args.get("reward") or {}).get("critic_ckpt"):
             resolve_checkpoint(critic_ckpt, "model.init_args.reward.critic_ckpt")
 
     def __init__(self, generator_ckpt: str, objective: Literal["critic", "reinforce"] = "critic",
