@@ -48,7 +48,8 @@ class SampleGrid(pl.Callback):
         if every_n_steps < 1 or num_per_class < 1 or max_classes < 1 or batch_size < 1 or upscale < 1:
             raise ValueError("SampleGrid: every_n_steps, num_per_class, max_classes, batch_size and upscale must be >= 1")
         self.every_n_steps, self.num_per_class = every_n_steps, num_per_class
-        self.classes, self.max_classes, self.seed, self.sampling = classes, max_classes, seed, sampling or SamplingConfig()
+        self.classes, self.max_classes, self.seed = classes, max_classes, seed
+        self.sampling = sampling or SamplingConfig()
         self.batch_size, self.upscale, self.sample_on_train_end = batch_size, upscale, on_train_end
         self._last_step = -1
 

@@ -593,10 +593,9 @@ class ResamplingPolicyModule(pl.LightningModule):
                 self._val.setdefault(k, []).append((lg.flatten().cpu(), y.flatten().cpu(), p.flatten().cpu()))
         if self.step_net is not None:
             out, policy, q_B, cost_B, r_B = self.rollout(labels, None, explore=False, first_seed=batch_idx * len(labels))
-            B = labels.shape[0]
             self.log_dict({"val/reward": r_B.mean(), "val/quality": q_B.mean(), "val/cost_rel": cost_B.mean(),
                            "val/cost_tokens_per_image": out.tokens_per_sample.float().mean()},
-                          batch_size=B, sync_dist=True)  # fmt: skip
+                          batch_size=labels.shape[0], sync_dist=True)  # fmt: skip
             self._log_decisions("val", policy)
 
     def on_validation_epoch_end(self) -> None:
@@ -654,8 +653,8 @@ def _refuse_other_generator(checkpoint: dict[str, Any], what: str, paired: str, 
     saved = checkpoint.get(CKPT_GENERATOR_KEY) or {}
     if saved.get("fingerprint") not in (None, now):
         raise ValueError(f"{what} was trained on the generator {saved.get('path')} (weights "
-                         f"{saved.get('fingerprint')}, EMA {saved.get('ema')}), but {paired} (weights {now}, EMA {ema}): "
-                         f"{use} it was trained on, or train a policy for this one")  # fmt: skip
+                         f"{saved.get('fingerprint')}, EMA {saved.get('ema')}), but {paired} (weights {now}, EMA "
+                         f"{ema}): {use} it was trained on, or train a policy for this one")  # fmt: skip
 
 
 def load_policy(path: str, generator_module=None, option: str = "--policy_ckpt") -> ResamplingPolicyModule:
