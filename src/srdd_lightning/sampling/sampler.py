@@ -30,7 +30,6 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -39,21 +38,10 @@ from torch import nn
 from srdd_lightning.models.scales import Schedule, as_schedule, subset_indices
 from srdd_lightning.models.tokenizer import MultiScaleTokenizer
 from srdd_lightning.models.transformer import VARTransformer
-from srdd_lightning.sampling.config import (
-    EditSpec,
-    ResampleMode,
-    SampleOutput,
-    SamplingConfig,
-    SamplingCost,
-    as_seed_list,
-)
+from srdd_lightning.sampling.config import RESAMPLE_MODES, EditSpec, SampleOutput, SamplingConfig, SamplingCost
+from srdd_lightning.sampling.config import as_seed_list
 
-RESAMPLE_MODES: tuple[str, ...] = get_args(ResampleMode)
-
-
-# --------------------------------------------------------------------------------------------
-# Per-scale settings
-# --------------------------------------------------------------------------------------------
+# ---- per-scale settings -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -73,46 +61,25 @@ class ScaleSettings:
 
 def guidance_weights(config: SamplingConfig, num_scales: int) -> list[float]:
     """Guidance weight t_k per scale: ``linear`` t_k = cfg·k/(K−1) (VAR; a one-scale schedule gets cfg),
-    ``constant`` t_k = cfg, or the explicit list ``cfg_schedule``."""
-    K, sched = num_scales, config.cfg_schedule
-    if isinstance(sched, str):
-        if sched == "linear":
-            return [config.cfg * k / (K - 1) if K > 1 else float(config.cfg) for k in range(K)]
-        if sched == "constant":
-            return [float(config.cfg)] * K
-        raise ValueError(f"cfg_schedule must be 'linear', 'constant' or a list of weights, got {sched!r}")
-    weights = [float(t) for t in config.per_scale("cfg_schedule", K)]
-    if any(t < 0 for t in weights):
-        raise ValueError(f"cfg_schedule weights must be >= 0, got {weights}")
-    return weights
+    ``constant`` t_k = cfg, or the explicit list ``cfg_schedule`` (SamplingConfig checked its values)."""
+    K = num_scales
+    if config.cfg_schedule == "linear":
+        return [config.cfg * k / (K - 1) if K > 1 else float(config.cfg) for k in range(K)]
+    if config.cfg_schedule == "constant":
+        return [float(config.cfg)] * K
+    return [float(t) for t in config.per_scale("cfg_schedule", K)]
 
 
 def scale_settings(config: SamplingConfig, schedule: Sequence[int]) -> list[ScaleSettings]:
-    """Expand and validate ``config`` into one :class:`ScaleSettings` per scale of ``schedule``."""
+    """Expand ``config`` (whose values SamplingConfig checked) into one :class:`ScaleSettings` per scale."""
     K = len(schedule)
-    cols = {name: config.per_scale(name, K)
-            for name in ("top_k", "top_p", "temperature", "resample", "refine_steps", "p_resample", "refine_temperature")}
-    out = []
-    for k, (pn, t) in enumerate(zip(schedule, guidance_weights(config, K))):
-        top_k, top_p, temp = int(cols["top_k"][k]), float(cols["top_p"][k]), float(cols["temperature"][k])
-        mode, steps, p_res = cols["resample"][k], int(cols["refine_steps"][k]), float(cols["p_resample"][k])
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0: off), got {top_k} at scale {k}")
-        if not 0.0 <= top_p <= 1.0:
-            raise ValueError(f"top_p must lie in [0, 1] (0 or 1: off), got {top_p} at scale {k}")
-        if temp < 0 or not math.isfinite(temp):
-            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temp} at scale {k}")
-        if mode not in RESAMPLE_MODES:
-            raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {mode!r} at scale {k}")
-        if steps < 0:
-            raise ValueError(f"refine_steps must be >= 0, got {steps} at scale {k}")
-        out.append(ScaleSettings(int(pn), t, top_k, top_p, temp, mode, steps, p_res, float(cols["refine_temperature"][k])))
-    return out
+    cols = [config.per_scale(name, K)
+            for name in ("top_k", "top_p", "temperature", "resample", "refine_steps", "p_resample", "refine_temperature")]
+    return [ScaleSettings(int(pn), t, int(top_k), float(top_p), float(temp), mode, int(steps), float(p_res), float(r_temp))
+            for pn, t, top_k, top_p, temp, mode, steps, p_res, r_temp in zip(schedule, guidance_weights(config, K), *cols)]
 
 
-# --------------------------------------------------------------------------------------------
-# Guidance, filtering, drawing
-# --------------------------------------------------------------------------------------------
+# ---- guidance, filtering, drawing ---------------------------------------------------------------
 
 
 def guided_logits(cond_BlV: torch.Tensor, uncond_BlV: torch.Tensor, t: float) -> torch.Tensor:
@@ -148,10 +115,8 @@ def sampling_probs(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
 
 
 def draw_tokens(probs_BlV: torch.Tensor, u_Bl: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: the first token whose cumulative probability exceeds u·total (u in [0, 1)).
-
-    A token of probability 0 is never returned, so a filtered-out token cannot be drawn.
-    """
+    """Inverse-CDF sampling: the first token whose cumulative probability exceeds u·total (u in [0, 1)); a token of
+    probability 0 (filtered out) is never returned."""
     cdf_BlV = probs_BlV.cumsum(dim=-1)
     target = (u_Bl.to(cdf_BlV.dtype) * cdf_BlV[..., -1]).unsqueeze(-1)
     idx_Bl = torch.searchsorted(cdf_BlV, target, right=True).squeeze(-1)
@@ -160,28 +125,7 @@ def draw_tokens(probs_BlV: torch.Tensor, u_Bl: torch.Tensor) -> torch.Tensor:
     return torch.minimum(idx_Bl, last_Bl)
 
 
-class _Uniforms:
-    """U[0, 1) draws: each sample from its own ``torch.Generator(seed)`` (on the CPU, so a seed gives the
-    same draws on any device and in any batch), or from the global RNG when there are no seeds."""
-
-    def __init__(self, seeds: list[int] | None, batch: int, device: torch.device) -> None:
-        self.batch, self.device = batch, device
-        self.gens = None if seeds is None else [torch.Generator().manual_seed(s) for s in seeds]
-
-    def __call__(self, n: int, rows_B: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, n) uniforms; with ``rows_B`` (bool) only those samples draw (the others get zeros), so a sample's
-        stream never depends on what other samples of its batch do."""
-        if self.gens is None:
-            return torch.rand(self.batch, n, device=self.device)
-        rows = [True] * self.batch if rows_B is None else rows_B.tolist()
-        zero = torch.zeros(n)
-        return torch.stack([torch.rand(n, generator=g) if r else zero for g, r in zip(self.gens, rows)]).to(
-            self.device, non_blocking=True)
-
-
-# --------------------------------------------------------------------------------------------
-# The resampling policy hook
-# --------------------------------------------------------------------------------------------
+# ---- the resampling policy hook -----------------------------------------------------------------
 
 
 @dataclass
@@ -193,26 +137,19 @@ class ScaleStats:
     p(r_k[i]) < p_resample (the config's threshold at this scale).
     """
 
-    scale: int
-    """Index of the scale in the sampling schedule."""
+    scale: int  # index of the scale in the sampling schedule
     num_scales: int
     pn: int
-    guidance: float
-    """Guidance weight t at this scale."""
-    p_resample: float
-    """Threshold used for ``low_prob_share_B``."""
+    guidance: float  # guidance weight t at this scale
+    p_resample: float  # the threshold of low_prob_share_B
     vocab_size: int
     entropy_B: torch.Tensor
     max_prob_B: torch.Tensor
     low_prob_share_B: torch.Tensor
-    labels_B: torch.Tensor | None = None
-    """The requested classes (B,)."""
-    probs_BlV: torch.Tensor | None = None
-    """p_k, (B, pn², V)."""
-    tokens_Bl: torch.Tensor | None = None
-    """The first draw r_k, (B, pn²)."""
-    x_BlC: torch.Tensor | None = None
-    """The scale's input: area_down(f_hat_{k−1}, pn_k) as (B, pn², Cvae); None at the first scale (start token)."""
+    labels_B: torch.Tensor | None = None  # the requested classes (B,)
+    probs_BlV: torch.Tensor | None = None  # p_k, (B, pn², V)
+    tokens_Bl: torch.Tensor | None = None  # the first draw r_k, (B, pn²)
+    x_BlC: torch.Tensor | None = None  # the input area_down(f_hat_{k−1}, pn_k) as (B, pn², Cvae); None at scale 0
 
     def features(self) -> torch.Tensor:
         """(B, 5) float features for a small policy network: k/(K−1), t, H/log V, max-prob, low-prob share."""
@@ -232,28 +169,14 @@ class RefineDecision:
     """A policy's decision at one scale, per sample: how many steps, which mode, which threshold — and which
     tokens (``critic``: mask resampling keeps the tokens it scores >= the threshold, instead of p_k)."""
 
-    steps_B: torch.Tensor
-    """(B,) refinement steps per sample (0: none)."""
-    mode: str | list[str] = "mask"
-    """One mode for all samples or one per sample (RESAMPLE_MODES)."""
-    p_resample_B: torch.Tensor | float = 0.5
-    """(B,) or one threshold."""
+    steps_B: torch.Tensor  # (B,) refinement steps per sample (0: none)
+    mode: str | list[str] = "mask"  # one of RESAMPLE_MODES for all samples, or one per sample
+    p_resample_B: torch.Tensor | float = 0.5  # (B,) or one threshold
     critic: TokenCritic | None = None
 
 
 # policy(stats) -> RefineDecision, or (mode, refine_steps, p_resample) for the whole batch
 ResamplingPolicy = Callable[[ScaleStats], "RefineDecision | tuple[str, int, float]"]
-
-
-def _scale_stats(k: int, st: ScaleSettings, K: int, probs_BlV, drawn_Bl, labels_B, x_BlC) -> ScaleStats:
-    p_drawn_Bl = probs_BlV.gather(-1, drawn_Bl.unsqueeze(-1)).squeeze(-1)
-    return ScaleStats(
-        scale=k, num_scales=K, pn=st.pn, guidance=st.guidance, p_resample=st.p_resample, vocab_size=probs_BlV.shape[-1],
-        entropy_B=torch.special.entr(probs_BlV).sum(-1).mean(-1),
-        max_prob_B=probs_BlV.amax(-1).mean(-1),
-        low_prob_share_B=(p_drawn_Bl < st.p_resample).float().mean(-1),
-        labels_B=labels_B, probs_BlV=probs_BlV, tokens_Bl=drawn_Bl, x_BlC=x_BlC,
-    )  # fmt: skip
 
 
 def _as_decision(decision, k: int, batch: int, device) -> RefineDecision:
@@ -279,9 +202,7 @@ def _as_decision(decision, k: int, batch: int, device) -> RefineDecision:
     return RefineDecision(steps_B, modes, p_B, decision.critic)
 
 
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
+# ---- helpers -------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -300,10 +221,7 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
 def check_compatible(generator: VARTransformer, tokenizer: MultiScaleTokenizer) -> None:
     """Raise if the generator was not built for this tokenizer's codes (V, latent dim, a subset of its scales)."""
     g = generator.config
-    pairs = [
-        ("vocab_size", int(g.vocab_size), int(tokenizer.vocab_size)),
-        ("latent_dim", int(g.latent_dim), int(tokenizer.latent_dim)),
-    ]
+    pairs = [(name, int(getattr(g, name)), int(getattr(tokenizer, name))) for name in ("vocab_size", "latent_dim")]
     bad = [f"generator {name}={a} vs tokenizer {name}={b}" for name, a, b in pairs if a != b]
     try:  # a fewer-scale generator runs on a subset of the tokenizer's scales ending at the last one
         subset_indices(g.patch_nums, tokenizer.patch_nums)
@@ -362,9 +280,7 @@ def _forced_per_scale(edit: EditSpec | None, sched: Schedule, batch: int, tokeni
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# The sampler
-# --------------------------------------------------------------------------------------------
+# ---- the sampler ---------------------------------------------------------------------------------
 
 
 class Sampler:
@@ -399,19 +315,15 @@ class Sampler:
         edit: EditSpec | None = None,
         policy: ResamplingPolicy | None = None,
     ) -> SampleOutput:
-        """Sample one image per label (``generator.null_class`` = unconditional).
+        """One image per label (``generator.null_class``: unconditional), in eval mode without gradients.
 
-        ``seeds``: one per sample (or an int s, giving s, s+1, ...): sample i then depends only on its seed,
-        not on the batch; None uses the global RNG. ``edit`` forces known tokens (``sampling.editing``).
-        ``policy(stats) -> RefineDecision`` (per sample: steps, mode, threshold, and optionally a token critic) or
-        ``(mode, refine_steps, p_resample)`` (the whole batch) replaces the refinement settings at every scale
-        (not consulted at scales an edit forces entirely).
-        Runs without gradients in eval mode (restored afterwards); a policy needing gradients wraps its
-        own computation in ``torch.enable_grad()``.
+        ``seeds``: one per sample (an int s gives s, s+1, ...), so sample i depends only on its seed; None: the global
+        RNG. ``edit`` forces known tokens (``sampling.editing``). ``policy(stats)`` returns a RefineDecision (per
+        sample) or ``(mode, refine_steps, p_resample)`` (the batch), replacing the refinement settings at every scale
+        an edit does not force entirely; one needing gradients wraps its computation in ``torch.enable_grad()``.
         """
         config = SamplingConfig() if config is None else config
-        device = self.device
-        labels_B = torch.as_tensor(labels_B, dtype=torch.long).to(device).reshape(-1)
+        labels_B = torch.as_tensor(labels_B, dtype=torch.long).to(self.device).reshape(-1)
         sched = self.schedule(config.schedule)
         run = _Run(self, labels_B, sched, scale_settings(config, sched), as_seed_list(seeds, labels_B.shape[0]), edit, policy)
         with eval_mode(self.generator, self.tokenizer):
@@ -422,7 +334,7 @@ class Sampler:
 
 
 class _Run:
-    """State of one ``Sampler.sample`` call: condition, cache, uniforms, forced tokens, inputs, cost."""
+    """State of one ``Sampler.sample`` call: condition, cache, generators, forced tokens, inputs, cost."""
 
     def __init__(self, sampler: Sampler, labels_B, sched, settings, seeds, edit, policy) -> None:
         self.gen, self.tok = sampler.generator, sampler.tokenizer
@@ -430,7 +342,7 @@ class _Run:
         self.K, self.B, self.device = len(sched), labels_B.shape[0], labels_B.device
         self.labels_B = labels_B
         self.attn = self.gen.config.attn
-        self.uniforms = _Uniforms(seeds, self.B, self.device)
+        self.rngs = None if seeds is None else [torch.Generator().manual_seed(s) for s in seeds]
         self.forced = _forced_per_scale(edit, sched, self.B, self.tok, self.device)
         any_guidance = any(st.guidance > 0 for st in settings)
         # markov scales are independent passes: double only where t > 0. The cached masks attend to
@@ -455,10 +367,7 @@ class _Run:
         if doubled and x_BlC is not None:
             x_BlC = torch.cat((x_BlC, x_BlC))
         cond = self.cond_2BD if doubled else self.cond_BD
-        if self.cache is None:
-            logits = self.gen.forward_scale(j, cond, x_BlC, schedule=self.sched)
-        else:
-            logits = self.gen.forward_scale(j, cond, x_BlC, self.cache)
+        logits = self.gen.forward_scale(j, cond, x_BlC, self.cache, schedule=self.sched)
         self._charge(j, 2 if doubled else 1, charge_to, who_B)
         if not doubled:
             return logits
@@ -478,32 +387,32 @@ class _Run:
         self.cost.per_scale_passes[charge_to] += share
         self.tokens_B += rows * q * (1.0 if who_B is None else who_B.float())
 
-    # ---- editing -----------------------------------------------------------------------------
+    # ---- forcing an edit's tokens, drawing ----------------------------------------------------------
 
     def force(self, k: int, r_Bhw: torch.Tensor) -> torch.Tensor:
         fz = self.forced[k]
         return r_Bhw if fz.keep is None else torch.where(fz.keep, fz.ref, r_Bhw)
 
-    # ---- drawing -----------------------------------------------------------------------------------
-
     def probs(self, logits_BlV: torch.Tensor, st: ScaleSettings, refine: bool = False) -> torch.Tensor:
         return sampling_probs(logits_BlV, st.top_k, st.top_p, st.refine_temperature if refine else st.temperature)
 
     def draw(self, probs_BlV: torch.Tensor, who_B: torch.Tensor | None = None) -> torch.Tensor:
-        return draw_tokens(probs_BlV, self.uniforms(probs_BlV.shape[1], who_B))
+        """r ~ p with U[0, 1) draws: each sample's from its own ``torch.Generator(seed)`` (on the CPU, so a seed gives
+        the same draws on any device and in any batch), else the global RNG. Only the samples ``who_B`` (bool (B,),
+        default all) draw, the others get zeros, so a sample's stream never depends on the rest of its batch."""
+        n = probs_BlV.shape[1]
+        if self.rngs is None:
+            return draw_tokens(probs_BlV, torch.rand(self.B, n, device=self.device))
+        rows, zero = [True] * self.B if who_B is None else who_B.tolist(), torch.zeros(n)
+        u_Bl = torch.stack([torch.rand(n, generator=g) if r else zero for g, r in zip(self.rngs, rows)])
+        return draw_tokens(probs_BlV, u_Bl.to(self.device, non_blocking=True))
 
     # ---- refinement ------------------------------------------------------------------------------
 
     def replay_cache(self, k: int, who_B: torch.Tensor) -> None:
         """Recompute the K/V of the coarser scales from the current inputs (causal: 1..k−1, scale 0's start token
         is unchanged; markov_prev: 0..k−1, since the completion left only the last scales in its cache)."""
-        if self.attn == "causal":
-            scales = range(1, k)
-        elif self.attn == "markov_prev":
-            scales = range(0, k)
-        else:
-            return
-        for j in scales:
+        for j in {"causal": range(1, k), "markov_prev": range(0, k)}.get(self.attn, ()):
             self.forward(j, self.inputs[j], charge_to=k, who_B=who_B)
 
     def complete(self, k: int, f_hat: torch.Tensor, who_B: torch.Tensor) -> torch.Tensor:
@@ -563,7 +472,10 @@ class _Run:
 
     def decision(self, k: int, st: ScaleSettings, probs_BlV, drawn_Bl) -> RefineDecision:
         x_BlC = None if self.inputs[k] is None else self.inputs[k].flatten(2).transpose(1, 2)
-        self.stats = _scale_stats(k, st, self.K, probs_BlV, drawn_Bl, self.labels_B, x_BlC)
+        p_drawn_Bl = probs_BlV.gather(-1, drawn_Bl.unsqueeze(-1)).squeeze(-1)
+        self.stats = ScaleStats(k, self.K, st.pn, st.guidance, st.p_resample, probs_BlV.shape[-1],
+                                torch.special.entr(probs_BlV).sum(-1).mean(-1), probs_BlV.amax(-1).mean(-1),
+                                (p_drawn_Bl < st.p_resample).float().mean(-1), self.labels_B, probs_BlV, drawn_Bl, x_BlC)
         if self.policy is not None:
             return _as_decision(self.policy(self.stats), k, self.B, self.device)
         steps = st.refine_steps if st.resample != "none" else 0
