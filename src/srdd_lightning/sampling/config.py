@@ -1,8 +1,4 @@
-"""What the sampler takes and returns: settings, editing constraints, outputs and their cost.
-
-These types are shared by the sampler, validation callbacks, ``srdd sample``, evaluation and the
-resampling policy, so that every place that generates images says the same thing about how.
-"""
+"""What the sampler takes and returns (settings, editing constraints, outputs, cost), shared by all its callers."""
 
 from __future__ import annotations
 
@@ -16,8 +12,7 @@ import torch
 
 GuidanceSchedule = Literal["linear", "constant"]
 ResampleMode = Literal["none", "simple", "mask", "pc", "renoise"]
-# A setting given once for every scale, or as one value per scale of the sampling schedule.
-PerScale = Union[float, list[float]]
+PerScale = Union[float, list[float]]  # one value for every scale, or one per scale of the sampling schedule
 RESAMPLE_MODES: tuple[str, ...] = get_args(ResampleMode)
 # Fields that take one value per scale of the sampling schedule (cfg_schedule only as an explicit list).
 PER_SCALE_FIELDS = ("cfg_schedule", "top_k", "top_p", "temperature", "resample", "refine_steps", "p_resample",
@@ -122,8 +117,6 @@ class SamplingConfig:
         value = getattr(self, name)
         if name == "refine_temperature" and value is None:
             value = self.temperature
-        if name == "cfg_schedule" and isinstance(value, str):
-            raise ValueError("cfg_schedule as a name is expanded by the sampler, not per_scale")
         if isinstance(value, (list, tuple)):
             if len(value) != num_scales:
                 raise ValueError(f"--{name} has {len(value)} entries but the sampling schedule has {num_scales} scales")
@@ -137,31 +130,22 @@ class SamplingConfig:
 
 @dataclass
 class EditSpec:
-    """Known tokens forced during sampling (zero-shot editing).
+    """Known tokens forced during sampling (zero-shot editing); the rest is generated (and, with resampling,
+    harmonised)."""
 
-    ``tokens`` are the reference image's per-scale token maps (``tokenizer.img_to_tokens``) on the
-    sampling schedule; ``mask_Bhw`` (latent resolution, 1 = keep the reference) is resized to each
-    scale's ``pn x pn`` grid; ``keep_scales`` forces every token of the first n scales regardless of
-    the mask (super-resolution and reconstruction). At each scale the kept positions take the
-    reference tokens and the rest is generated; with resampling the generated part harmonises.
-    """
-
-    tokens: list[torch.Tensor]
-    mask_Bhw: torch.Tensor | None = None
-    keep_scales: int = 0
+    tokens: list[torch.Tensor]  # the reference's token maps on the sampling schedule (tokenizer.img_to_tokens)
+    mask_Bhw: torch.Tensor | None = None  # latent-grid keep mask (1: the reference), resized to each scale's pn x pn
+    keep_scales: int = 0  # every token of the first n scales is forced, whatever the mask (superres, reconstruct)
 
 
 @dataclass
 class SamplingCost:
     """Compute spent per image: transformer evaluations and the tokens they processed."""
 
+    # scale evaluations per image: one per scale plus refinement's; a pass only some samples needed counts as that share
     forward_passes: float = 0
-    """Scale evaluations of the transformer per image (one per scale plus what refinement adds; a pass that only
-    some samples of a batch needed counts as that share)."""
-    tokens: float = 0
-    """Query tokens processed per image, counting the doubled guidance batch (the linear-layer FLOPs scale with this)."""
-    attention_pairs: float = 0
-    """Query-key pairs attended per image (counting guidance), which the mask decides: markov << causal."""
+    tokens: float = 0  # query tokens per image, counting the doubled guidance batch (the linear layers' FLOPs)
+    attention_pairs: float = 0  # query-key pairs per image (counting guidance): the mask decides, markov << causal
     per_scale_passes: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -176,8 +160,7 @@ class SampleOutput:
     tokens: list[torch.Tensor]
     cost: SamplingCost
     schedule: tuple[int, ...] = ()
-    tokens_per_sample: torch.Tensor | None = None
-    """(B,) query tokens each sample's passes processed (the per-sample cost a resampling policy pays for)."""
+    tokens_per_sample: torch.Tensor | None = None  # (B,) query tokens of each sample's passes (a policy's cost)
 
 
 def as_seed_list(seeds: Sequence[int] | torch.Tensor | int | None, batch: int) -> list[int] | None:

@@ -516,19 +516,7 @@ class _Run:
 
 
 __all__ = [
-    "RESAMPLE_MODES",
-    "RefineDecision",
-    "ResamplingPolicy",
-    "Sampler",
-    "ScaleSettings",
-    "ScaleStats",
-    "TokenCritic",
-    "check_compatible",
-    "draw_tokens",
-    "eval_mode",
-    "filter_logits",
-    "guidance_weights",
-    "guided_logits",
-    "sampling_probs",
-    "scale_settings",
-]
+    "RESAMPLE_MODES", "RefineDecision", "ResamplingPolicy", "Sampler", "ScaleSettings", "ScaleStats", "TokenCritic",
+    "check_compatible", "draw_tokens", "eval_mode", "filter_logits", "guidance_weights", "guided_logits",
+    "sampling_probs", "scale_settings",
+]  # fmt: skip
