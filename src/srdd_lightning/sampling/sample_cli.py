@@ -5,16 +5,10 @@
         --edit inpaint --image digit.png --mask hole.png
     torchrun --nproc_per_node 8 $(which srdd) sample --ckpt runs/ffhq/version_0 --out fid/ffhq --num_samples 50000
 
-Sample ``i`` has class ``labels[i]`` and seed ``seed + i``, so the result depends neither on the batch size nor
-on the number of processes. Launched by torchrun (or anything that sets torch.distributed's ``env://``
-variables), the processes form a process group (gloo on the CPU, nccl on CUDA): rank 0 checks the folder and
-lists the missing samples, each rank draws its share of them, and once all have finished (a collective, not
-file polling) rank 0 writes ``grid.png``, ``samples.npz`` and ``sampling.json``.
-
-A folder is resumable and never mixes settings: ``sampling.json`` is written before the first PNG and records
-everything the images depend on (generator and tokenizer weights, EMA, precision, schedule, sampling settings,
-seed, labels, edit). A rerun with the same record draws only the missing PNGs; one with another record is
-refused, or with ``--overwrite true`` starts afresh after deleting only the files ``srdd sample`` writes.
+Sample ``i`` has class ``labels[i]`` and seed ``seed + i``, whatever the batch size and number of processes. Under
+torchrun (torch.distributed's ``env://`` variables) rank 0 checks the folder, every rank draws its share of the
+missing samples, and after a collective rank 0 writes grid.png, samples.npz and sampling.json. sampling.json is
+written before the first PNG with what the images depend on, so a rerun resumes only the same settings (README).
 """
 
 from __future__ import annotations
@@ -63,30 +57,23 @@ RESUME_KEYS = {
     "edit": "--edit/--image/--mask/--keep_box/--keep_scales",
     "policy_fingerprint": "--policy_ckpt",
 }
-_SAMPLE_PNG = re.compile(r"\d{6}_c\d+\.png")
-_OUTPUT_NAMES = ("grid.png", "samples.npz", SAMPLING_JSON, "reference.png")
-# temporary files of an interrupted atomic write of one of our outputs (utils.images.save_png / utils.io.atomic_open)
-_OUTPUT_TMP = re.compile(r"\.(\d{6}_c\d+\.png|grid\.png|samples\.npz|sampling\.json|reference\.png)\.(tmp-\d+|.+\.tmp)")
+_OUTPUTS = r"\d{6}_c\d+\.png|grid\.png|samples\.npz|sampling\.json|reference\.png"
+# our outputs and the temporary files of an interrupted write of one (utils.images.save_png, utils.io.atomic_open)
+_OWN_FILE = re.compile(rf"(?:{_OUTPUTS})|\.(?:{_OUTPUTS})\.(?:tmp-\d+|.+\.tmp)")
 T = TypeVar("T")
 
 
-# --------------------------------------------------------------------------------------------
-# What to sample
-# --------------------------------------------------------------------------------------------
+# ---- what to sample ---------------------------------------------------------------------------------
 
 
 def parse_classes(classes: str | Sequence[int] | int | None, num_classes: int, null_class: int) -> list[int] | None:
     """``"0,3"`` -> [0, 3]; ``"uncond"`` is the null class; every class must lie in [0, num_classes)."""
     if classes is None:
         return None
-    if isinstance(classes, int):
-        items: list = [classes]
-    elif isinstance(classes, str):
-        items = [c.strip() for c in classes.split(",") if c.strip()]
-    else:
-        items = list(classes)
+    if isinstance(classes, str):
+        classes = [c.strip() for c in classes.split(",") if c.strip()]
     out = []
-    for c in items:
+    for c in [classes] if isinstance(classes, int) else classes:
         if isinstance(c, str) and c.lower() == UNCONDITIONAL:
             out.append(null_class)
             continue
@@ -95,10 +82,8 @@ def parse_classes(classes: str | Sequence[int] | int | None, num_classes: int, n
         except ValueError:
             raise ValueError(f"--classes takes comma-separated class indices or '{UNCONDITIONAL}', got {c!r}") from None
         if not 0 <= value < num_classes:
-            raise ValueError(
-                f"--classes: class {value} is out of range: the model has {num_classes} classes (0..{num_classes - 1}); "
-                f"use '{UNCONDITIONAL}' for the null (unconditional) class"
-            )
+            raise ValueError(f"--classes: class {value} is out of range: the model has {num_classes} classes "
+                             f"(0..{num_classes - 1}); use '{UNCONDITIONAL}' for the null (unconditional) class")
         out.append(value)
     if not out:
         raise ValueError("--classes is empty")
@@ -113,16 +98,14 @@ def _check_counts(num_per_class: int | None, num_samples: int | None) -> None:
             raise ValueError(f"{name} must be >= 1, got {n}")
 
 
-def plan_labels(
-    num_classes: int, null_class: int, num_per_class: int | None, classes: str | Sequence[int] | None, num_samples: int | None
-) -> list[int]:
+def plan_labels(num_classes: int, null_class: int, num_per_class: int | None, classes: str | Sequence[int] | None,
+                num_samples: int | None) -> list[int]:
     """The class of every sample index: ``num_per_class`` for each class (all, or ``classes``), or ``num_samples``
     in total spread over the classes in contiguous, near-equal blocks."""
     _check_counts(num_per_class, num_samples)
     chosen = parse_classes(classes, num_classes, null_class) or list(range(num_classes))
     if num_per_class is not None:
         return [c for c in chosen for _ in range(num_per_class)]
-    assert num_samples is not None
     return [chosen[i * len(chosen) // num_samples] for i in range(num_samples)]
 
 
@@ -135,9 +118,7 @@ def sample_path(out: Path, index: int, label: int) -> Path:
     return out / f"{index:06d}_c{label}.png"
 
 
-# --------------------------------------------------------------------------------------------
-# Processes: one, or a torch.distributed group
-# --------------------------------------------------------------------------------------------
+# ---- processes: one, or a torch.distributed group ---------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -182,12 +163,9 @@ class Ranks:
 
 @contextlib.contextmanager
 def process_group(device_type: str, timeout: float) -> Iterator[Ranks]:
-    """The caller's process group, or one made from torch.distributed's ``env://`` variables when a launcher set
-    them (torchrun sets WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT), or none: one process.
-
-    A group made here uses gloo on the CPU and nccl on CUDA, waits ``timeout`` seconds at a collective, and is
-    destroyed on the way out.
-    """
+    """The caller's process group, or one made from torch.distributed's ``env://`` variables (torchrun's WORLD_SIZE,
+    RANK, MASTER_ADDR, MASTER_PORT; gloo on the CPU, nccl on CUDA, ``timeout`` seconds a collective; destroyed on the
+    way out), or none: one process."""
     dist = torch.distributed
     made = False
     if dist.is_available() and not dist.is_initialized() and "WORLD_SIZE" in os.environ:
@@ -224,9 +202,7 @@ def _rank_device(dev: torch.device, ranks: Ranks) -> torch.device:
     return dev
 
 
-# --------------------------------------------------------------------------------------------
-# Editing inputs
-# --------------------------------------------------------------------------------------------
+# ---- editing inputs ---------------------------------------------------------------------------------
 
 
 def _load_image(path: str, size: int | None, what: str) -> torch.Tensor:
@@ -248,15 +224,13 @@ def build_edit(edit: EditMode, tokenizer, schedule: Sequence[int], image: str | 
         raise ValueError(f"--edit {edit} needs --image PATH")
     size = tokenizer.image_size
     record: dict = {"mode": edit, "image": str(image)}
+    img = _load_image(image, None if edit == "superres" else size, f"the tokenizer ({edit})")
     if edit == "superres":
-        img = _load_image(image, None, "superres")
         if img.shape[-1] > size or img.shape[-2] > size:
             raise ValueError(f"--image {image} ({img.shape[-1]}x{img.shape[-2]} px) is not smaller than the model's {size} px")
         spec = editing.super_resolution(tokenizer, img, keep_scales, patch_nums=schedule)
         record["keep_scales"] = spec.keep_scales
-        return spec, _with_hashes(record), img
-    img = _load_image(image, size, f"the tokenizer ({edit})")
-    if edit == "inpaint":
+    elif edit == "inpaint":
         if mask is None:
             raise ValueError("--edit inpaint needs --mask PATH (white = region to generate)")
         if not Path(mask).expanduser().is_file():
@@ -284,20 +258,13 @@ def build_edit(edit: EditMode, tokenizer, schedule: Sequence[int], image: str | 
         record["keep_scales"] = keep_scales
     else:
         raise ValueError(f"--edit must be one of inpaint, outpaint, superres, reconstruct; got {edit!r}")
-    return spec, _with_hashes(record), img
-
-
-def _with_hashes(record: dict) -> dict:
-    """The record with the content hash of its input files: same name, other content must not resume."""
-    for key in ("image", "mask"):
+    for key in ("image", "mask"):  # the content hash of the input files: same name, other content must not resume
         if key in record:
             record[f"{key}_sha256"] = hashlib.sha256(Path(record[key]).expanduser().read_bytes()).hexdigest()
-    return record
+    return spec, record, img
 
 
-# --------------------------------------------------------------------------------------------
-# The folder: what is in it, whether a run may resume there
-# --------------------------------------------------------------------------------------------
+# ---- the folder: what is in it, whether a run may resume there --------------------------------------
 
 
 def own_files(out_dir: Path) -> list[Path]:
@@ -305,8 +272,7 @@ def own_files(out_dir: Path) -> list[Path]:
     temporary files of interrupted writes); nothing else in the folder is ever touched."""
     if not out_dir.is_dir():
         return []
-    return sorted(p for p in out_dir.iterdir() if p.is_file() and (
-        _SAMPLE_PNG.fullmatch(p.name) or p.name in _OUTPUT_NAMES or _OUTPUT_TMP.fullmatch(p.name)))  # fmt: skip
+    return sorted(p for p in out_dir.iterdir() if p.is_file() and _OWN_FILE.fullmatch(p.name))
 
 
 def _comparable(record: dict) -> dict:
@@ -354,14 +320,6 @@ def settings_differences(there: dict, now: dict) -> list[str]:
     return out
 
 
-def _read_record(path: Path) -> dict | None:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
 def prepare_folder(out_dir: Path, record: dict, labels: Sequence[int], overwrite: bool) -> tuple[list[int], dict | None]:
     """Make ``out_dir`` hold only images of ``record`` and write ``record`` there before any PNG: refuse a folder
     with other samples (or, with ``overwrite``, delete srdd sample's files first). Returns the missing sample
@@ -374,8 +332,11 @@ def prepare_folder(out_dir: Path, record: dict, labels: Sequence[int], overwrite
             p.unlink(missing_ok=True)
     elif ours:
         what = f"use another --out, or --overwrite true to delete srdd sample's files there ({len(ours)}) and start afresh"
-        previous = _read_record(out_dir / SAMPLING_JSON)
-        if previous is None:
+        try:
+            previous = json.loads((out_dir / SAMPLING_JSON).read_text())
+        except (OSError, ValueError):
+            previous = None
+        if not isinstance(previous, dict):
             state = "an unreadable" if (out_dir / SAMPLING_JSON).exists() else "no"
             raise ValueError(f"--out {out_dir} holds {len(ours)} sample file(s) (e.g. {ours[0].name}) but {state} "
                              f"{SAMPLING_JSON} saying how they were made: {what}")  # fmt: skip
@@ -395,35 +356,17 @@ def _timing_of(record: dict | None) -> dict:
     return {k: record[k] for k in keys if k in record} if record else {}
 
 
-# --------------------------------------------------------------------------------------------
-# Sampling into a folder
-# --------------------------------------------------------------------------------------------
+# ---- sampling into a folder -------------------------------------------------------------------------
 
 
 def sample_to_folder(
-    ckpt: str,
-    out: str,
-    num_per_class: int | None = None,
-    classes: str | None = None,
-    num_samples: int | None = None,
-    seed: int = 0,
-    batch_size: int = 32,
-    ema: bool = True,
-    sampling: SamplingConfig | None = None,
-    edit: EditMode | None = None,
-    image: str | None = None,
-    mask: str | None = None,
-    keep_box: str | None = None,
-    keep_scales: int | None = None,
-    tokenizer_ckpt: str | None = None,
-    device: str = "auto",
-    precision: Literal["fp32", "bf16"] = "fp32",
-    channels_last_decode: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    timeout: float = 1800.0,
-    policy_ckpt: str | None = None,
-) -> Path:
+    ckpt: str, out: str, num_per_class: int | None = None, classes: str | None = None, num_samples: int | None = None,
+    seed: int = 0, batch_size: int = 32, ema: bool = True, sampling: SamplingConfig | None = None,
+    edit: EditMode | None = None, image: str | None = None, mask: str | None = None, keep_box: str | None = None,
+    keep_scales: int | None = None, tokenizer_ckpt: str | None = None, device: str = "auto",
+    precision: Literal["fp32", "bf16"] = "fp32", channels_last_decode: bool = False, overwrite: bool = False,
+    progress: bool = True, timeout: float = 1800.0, policy_ckpt: str | None = None,
+) -> Path:  # fmt: skip
     """Sample a generator checkpoint into a folder of PNGs plus grid.png, samples.npz and sampling.json.
 
     Args:
@@ -594,13 +537,9 @@ def _average_cost(parts: list[tuple[int, dict | None]]) -> dict | None:
     if not parts:
         return None
     total = sum(n for n, _ in parts)
-    out: dict = {}
-    for key, value in parts[0][1].items():
-        if isinstance(value, list):  # per_scale_passes
-            out[key] = [sum(n * c[key][i] for n, c in parts) / total for i in range(len(value))]
-        else:
-            out[key] = sum(n * c[key] for n, c in parts) / total
-    return out
+    return {key: [sum(n * c[key][i] for n, c in parts) / total for i in range(len(value))]  # per_scale_passes
+            if isinstance(value, list) else sum(n * c[key] for n, c in parts) / total
+            for key, value in parts[0][1].items()}  # fmt: skip
 
 
 def write_outputs(out_dir: Path, labels: list[int], max_rows: int = 16, max_cols: int = 8) -> None:
@@ -616,9 +555,8 @@ def write_outputs(out_dir: Path, labels: list[int], max_rows: int = 16, max_cols
     if len(order) > max_rows:
         order = [order[round(r * (len(order) - 1) / (max_rows - 1))] for r in range(max_rows)]
     if len(order) == 1:  # one class: fill a square-ish grid
-        n = min(len(labels), max_rows * max_cols)
-        cols = min(max_cols, n)
-        picks = list(range(n))
+        picks = list(range(min(len(labels), max_rows * max_cols)))
+        cols = min(max_cols, len(picks))
     else:
         cols = min(max_cols, max(labels.count(c) for c in order))
         picks = []
@@ -631,9 +569,7 @@ def write_outputs(out_dir: Path, labels: list[int], max_rows: int = 16, max_cols
     save_png(image_grid(from_uint8(tiles), nrow=cols, upscale=upscale), out_dir / "grid.png")
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+# ---- command line -----------------------------------------------------------------------------------
 
 
 def _describe(tp: Any) -> str:
@@ -673,11 +609,8 @@ def _fail(message: str) -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    """``srdd sample``: parse the options (``--help`` lists them with their documentation) and sample.
-
-    A user's mistake (a bad option value, a missing or unreadable file) prints one line ``srdd sample: error: ...``
-    and exits with status 2; ``--debug true`` (or SRDD_DEBUG=1) shows the traceback instead.
-    """
+    """``srdd sample`` (``--help`` documents the options). A user's mistake (a bad value, a missing or unreadable file)
+    prints one line ``srdd sample: error: ...`` and exits with status 2; ``--debug true`` or SRDD_DEBUG=1: traceback."""
     from argparse import ArgumentError
 
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
@@ -712,18 +645,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 __all__ = [
-    "RECORD_FORMAT",
-    "Ranks",
-    "build_edit",
-    "label_runs",
-    "main",
-    "own_files",
-    "parse_classes",
-    "plan_labels",
-    "prepare_folder",
-    "process_group",
-    "sample_path",
-    "sample_to_folder",
-    "settings_differences",
-    "write_outputs",
-]
+    "RECORD_FORMAT", "Ranks", "build_edit", "label_runs", "main", "own_files", "parse_classes", "plan_labels",
+    "prepare_folder", "process_group", "sample_path", "sample_to_folder", "settings_differences", "write_outputs",
+]  # fmt: skip

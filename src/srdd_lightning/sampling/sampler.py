@@ -73,10 +73,10 @@ def guidance_weights(config: SamplingConfig, num_scales: int) -> list[float]:
 def scale_settings(config: SamplingConfig, schedule: Sequence[int]) -> list[ScaleSettings]:
     """Expand ``config`` (whose values SamplingConfig checked) into one :class:`ScaleSettings` per scale."""
     K = len(schedule)
-    cols = [config.per_scale(name, K)
-            for name in ("top_k", "top_p", "temperature", "resample", "refine_steps", "p_resample", "refine_temperature")]
-    return [ScaleSettings(int(pn), t, int(top_k), float(top_p), float(temp), mode, int(steps), float(p_res), float(r_temp))
-            for pn, t, top_k, top_p, temp, mode, steps, p_res, r_temp in zip(schedule, guidance_weights(config, K), *cols)]
+    names = ("top_k", "top_p", "temperature", "resample", "refine_steps", "p_resample", "refine_temperature")
+    cols = [config.per_scale(name, K) for name in names]
+    return [ScaleSettings(int(pn), t, int(top_k), float(top_p), float(temp), mode, int(steps), float(p), float(r_temp))
+            for pn, t, top_k, top_p, temp, mode, steps, p, r_temp in zip(schedule, guidance_weights(config, K), *cols)]
 
 
 # ---- guidance, filtering, drawing ---------------------------------------------------------------
@@ -475,7 +475,8 @@ class _Run:
         p_drawn_Bl = probs_BlV.gather(-1, drawn_Bl.unsqueeze(-1)).squeeze(-1)
         self.stats = ScaleStats(k, self.K, st.pn, st.guidance, st.p_resample, probs_BlV.shape[-1],
                                 torch.special.entr(probs_BlV).sum(-1).mean(-1), probs_BlV.amax(-1).mean(-1),
-                                (p_drawn_Bl < st.p_resample).float().mean(-1), self.labels_B, probs_BlV, drawn_Bl, x_BlC)
+                                (p_drawn_Bl < st.p_resample).float().mean(-1), self.labels_B, probs_BlV, drawn_Bl,
+                                x_BlC)
         if self.policy is not None:
             return _as_decision(self.policy(self.stats), k, self.B, self.device)
         steps = st.refine_steps if st.resample != "none" else 0
