@@ -88,12 +88,9 @@ def guided_logits(cond_BlV: torch.Tensor, uncond_BlV: torch.Tensor, t: float) ->
 
 
 def filter_logits(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """VAR's ``sample_with_top_k_top_p_`` filter; removed tokens get −inf (a new tensor is returned).
-
-    top-k keeps the tokens >= the k-th largest logit (0 or k >= V: off). top-p sorts ascending and
-    removes the tail whose cumulative probability is <= 1 − p, i.e. keeps the smallest nucleus with
-    mass >= p (0 or 1: off). The most likely token is always kept.
-    """
+    """VAR's ``sample_with_top_k_top_p_`` filter into a new tensor, removed tokens at −inf: top-k keeps the tokens >=
+    the k-th largest logit (0 or k >= V: off); top-p sorts ascending and removes the tail of cumulative probability
+    <= 1 − p, keeping the smallest nucleus of mass >= p (0 or 1: off). The most likely token is always kept."""
     V = logits_BlV.shape[-1]
     if 0 < top_k < V:
         kth = logits_BlV.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
@@ -130,12 +127,8 @@ def draw_tokens(probs_BlV: torch.Tensor, u_Bl: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ScaleStats:
-    """What a resampling policy sees at one scale, per sample: the prediction and cheap statistics of it.
-
-    Statistics come from the guided, filtered distribution p_k of the scale's first draw r_k: entropy
-    H = mean_i −Σ_v p log p (nats), max-probability mean_i max_v p, and the share of drawn tokens with
-    p(r_k[i]) < p_resample (the config's threshold at this scale).
-    """
+    """What a resampling policy sees at one scale, per sample: the guided, filtered p_k of the first draw r_k and its
+    entropy H = mean_i −Σ_v p log p (nats), max-probability mean_i max_v p, share of p(r_k[i]) < p_resample."""
 
     scale: int  # index of the scale in the sampling schedule
     num_scales: int
@@ -229,10 +222,8 @@ def check_compatible(generator: VARTransformer, tokenizer: MultiScaleTokenizer) 
         bad.append(f"generator patch_nums={list(g.patch_nums)} is not a subset of tokenizer patch_nums="
                    f"{list(tokenizer.patch_nums)} ending at its last scale")
     if bad:
-        raise ValueError(
-            "the generator does not match the tokenizer (" + "; ".join(bad) + "): load the generator trained on "
-            "this tokenizer's codes, or the tokenizer it was trained with"
-        )
+        raise ValueError("the generator does not match the tokenizer (" + "; ".join(bad) + "): load the generator "
+                         "trained on this tokenizer's codes, or the tokenizer it was trained with")
 
 
 @dataclass
@@ -268,16 +259,9 @@ def _forced_per_scale(edit: EditSpec | None, sched: Schedule, batch: int, tokeni
         if mask.dim() != 3 or mask.shape[0] not in (1, batch):
             raise ValueError(f"EditSpec.mask_Bhw must be ({batch} or 1, h, w), got {tuple(edit.mask_Bhw.shape)}")
         mask = mask.to(device=device, dtype=torch.float32).unsqueeze(1)
-    out = []
-    for k, (ref, pn) in enumerate(zip(refs, sched)):
-        if k < edit.keep_scales:
-            out.append(_Forced(torch.ones(1, 1, 1, dtype=torch.bool, device=device), ref, full=True))
-        elif mask is not None:
-            keep = F.interpolate(mask, size=(pn, pn), mode="area")[:, 0] >= 0.5
-            out.append(_Forced(keep, ref))
-        else:
-            out.append(_Forced())
-    return out
+    return [_Forced(torch.ones(1, 1, 1, dtype=torch.bool, device=device), ref, full=True) if k < edit.keep_scales
+            else _Forced(F.interpolate(mask, size=(pn, pn), mode="area")[:, 0] >= 0.5, ref) if mask is not None
+            else _Forced() for k, (ref, pn) in enumerate(zip(refs, sched))]
 
 
 # ---- the sampler ---------------------------------------------------------------------------------
@@ -307,14 +291,9 @@ class Sampler:
         return sched
 
     @torch.no_grad()
-    def sample(
-        self,
-        labels_B: torch.Tensor | Sequence[int],
-        config: SamplingConfig | None = None,
-        seeds: Sequence[int] | torch.Tensor | int | None = None,
-        edit: EditSpec | None = None,
-        policy: ResamplingPolicy | None = None,
-    ) -> SampleOutput:
+    def sample(self, labels_B: torch.Tensor | Sequence[int], config: SamplingConfig | None = None,
+               seeds: Sequence[int] | torch.Tensor | int | None = None, edit: EditSpec | None = None,
+               policy: ResamplingPolicy | None = None) -> SampleOutput:
         """One image per label (``generator.null_class``: unconditional), in eval mode without gradients.
 
         ``seeds``: one per sample (an int s gives s, s+1, ...), so sample i depends only on its seed; None: the global
