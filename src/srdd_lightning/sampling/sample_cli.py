@@ -390,14 +390,12 @@ def sample_to_folder(
         precision: fp32, or bf16 (transformer under bfloat16 autocast on CUDA: faster, not bit-identical).
         channels_last_decode: Decode in the NHWC layout (pays with cuDNN on a GPU; no gain on a CPU): float32,
             pixels within 2e-4 of the default decode before 8-bit rounding.
-        overwrite: true: first delete the files srdd sample writes in --out (its PNGs, grid.png, samples.npz,
-            sampling.json, reference.png; nothing else) and sample afresh. false: resume a folder of the same
-            settings, refuse one of other settings.
+        overwrite: true: delete srdd sample's own files in --out (PNGs, grid.png, samples.npz, sampling.json,
+            reference.png; nothing else) and sample afresh. false: resume the same settings, refuse other settings.
         progress: Show a progress bar and a final line (rank 0).
         timeout: Seconds a process waits for the others at a collective (torch.distributed's timeout).
-        policy_ckpt: A resampling policy (stage 3, ResamplingPolicyModule) checkpoint or run folder: its per-sample,
-            per-scale decisions replace --resample/--refine_steps/--p_resample. It must have been trained on these
-            generator weights (--ckpt with --ema); another generator is refused.
+        policy_ckpt: A stage-3 resampling policy (ResamplingPolicyModule) checkpoint or run folder; its per-sample,
+            per-scale decisions replace --resample/--refine_steps/--p_resample. Refused unless trained on --ckpt, --ema.
     """
     from tqdm import tqdm
 
@@ -444,34 +442,22 @@ def sample_to_folder(
         if edit is not None:
             spec, edit_record, ref = build_edit(edit, tokenizer, schedule, image, mask, keep_box, keep_scales)
         record = {
-            "format": RECORD_FORMAT,
-            "complete": False,  # True once every PNG, grid.png and samples.npz are written
-            "checkpoint": str(ckpt_file),
-            "generator_fingerprint": generator_fp,
-            "tokenizer": module.tokenizer_info["path"],
-            "tokenizer_fingerprint": module.tokenizer_info["fingerprint"],
-            "ema": ema,
-            "attn": generator.config.attn,
-            "num_samples": len(labels),
-            "num_classes": generator.num_classes,
-            "classes": sorted(set(labels)),
-            "labels": "samples.npz['labels']; file {index:06d}_c{class}.png",
-            "label_runs": label_runs(labels),
-            "seed": seed,
-            "seeds": "seed + index",
-            "sampling": sampling.to_dict(),
-            "schedule": list(schedule),
-            "edit": edit_record,
-            "precision": precision,
-            "channels_last_decode": channels_last_decode,
-            "batch_size": batch_size,
-            "world_size": world,
+            "format": RECORD_FORMAT, "complete": False,  # True once every PNG, the grid and the npz are written
+            "checkpoint": str(ckpt_file), "generator_fingerprint": generator_fp,
+            "tokenizer": module.tokenizer_info["path"], "tokenizer_fingerprint": module.tokenizer_info["fingerprint"],
+            "ema": ema, "attn": generator.config.attn,
+            "num_samples": len(labels), "num_classes": generator.num_classes, "classes": sorted(set(labels)),
+            "labels": "samples.npz['labels']; file {index:06d}_c{class}.png", "label_runs": label_runs(labels),
+            "seed": seed, "seeds": "seed + index",
+            "sampling": sampling.to_dict(), "schedule": list(schedule), "edit": edit_record,
+            "precision": precision, "channels_last_decode": channels_last_decode,
+            "batch_size": batch_size, "world_size": world,
             "policy": None if policy_module is None else {
                 "checkpoint": policy_module.checkpoint_path, "objective": policy_module.hparams.objective,
                 "sampling_trained": policy_module.sampling.to_dict(),
                 "replaces": "resample, refine_steps, p_resample (per sample and scale)"},
             "policy_fingerprint": None if policy_module is None else policy_module.fingerprint(),
-        }
+        }  # fmt: skip
 
         def prepare() -> tuple[list[int], dict | None]:
             missing, previous = prepare_folder(out_dir, record, labels, overwrite)
