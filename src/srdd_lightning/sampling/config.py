@@ -47,9 +47,8 @@ def _check(name: str, value: Any, ok: Callable[[Any], bool], rule: str, per_scal
 class SamplingConfig:
     """How to sample; each per-scale field takes one value or a list with one entry per scale.
 
-    Guidance follows VAR: ``logits = (1 + t) * cond - t * uncond`` with ``t`` the guidance weight at
-    that scale; ``linear`` ramps ``t = cfg * k / (K - 1)`` (no guidance at the first scale, VAR's
-    default), ``constant`` uses ``t = cfg`` everywhere, a list gives ``t`` per scale.
+    Guidance follows VAR: ``logits = (1 + t) * cond - t * uncond`` with ``t`` the weight at that scale; ``linear``
+    ramps ``t = cfg * k / (K - 1)`` (none at the first scale, VAR's default), ``constant`` is ``t = cfg``.
     """
 
     schedule: list[int] | None = None
@@ -130,8 +129,7 @@ class SamplingConfig:
 
 @dataclass
 class EditSpec:
-    """Known tokens forced during sampling (zero-shot editing); the rest is generated (and, with resampling,
-    harmonised)."""
+    """Known tokens forced during sampling (zero-shot editing); the rest is generated, and harmonised by resampling."""
 
     tokens: list[torch.Tensor]  # the reference's token maps on the sampling schedule (tokenizer.img_to_tokens)
     mask_Bhw: torch.Tensor | None = None  # latent-grid keep mask (1: the reference), resized to each scale's pn x pn
