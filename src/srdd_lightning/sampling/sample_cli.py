@@ -288,9 +288,8 @@ def _comparable(record: dict) -> dict:
 
 
 def _labels_text(runs: Any) -> str:
-    if not isinstance(runs, list):
-        return "not recorded"
-    return f"{sum(n for _, n in runs)} samples of classes {sorted({c for c, _ in runs})}"
+    return (f"{sum(n for _, n in runs)} samples of classes {sorted({c for c, _ in runs})}" if isinstance(runs, list)
+            else "not recorded")
 
 
 def settings_differences(there: dict, now: dict) -> list[str]:
@@ -602,13 +601,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # SamplingConfig's field docs become --help text
-    parser = ArgumentParser(
-        prog="srdd sample",
-        description="Sample a trained generator into a folder: {index:06d}_c{class}.png, grid.png, samples.npz "
-        "(uint8 NHWC arr_0 + labels) and sampling.json. Resumable (same settings); several processes under "
-        "torchrun. Lists are written [a,b,...].",
-        exit_on_error=False,  # its errors come back here, to be reported in one line
-    )
+    parser = ArgumentParser(prog="srdd sample", exit_on_error=False,  # its errors come back here, reported in one line
+                            description="Sample a trained generator into a folder: {index:06d}_c{class}.png, grid.png, "
+                            "samples.npz (uint8 NHWC arr_0 + labels) and sampling.json. Resumable (same settings); "
+                            "several processes under torchrun. Lists are written [a,b,...].")
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with any of these options.")
     parser.add_function_arguments(sample_to_folder, nested_key=None, skip={"sampling"})
     parser.add_class_arguments(SamplingConfig, nested_key=None)

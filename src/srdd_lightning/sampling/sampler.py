@@ -436,8 +436,7 @@ class _Run:
         coarse = self.tok.quantizer.quantize(self.complete(k, f_k, sel_B), self.sched, num_scales=k, force=self.force)
         pick = sel_B.view(B, 1, 1, 1)
         for j in range(k):
-            sel_hw = sel_B.view(B, 1, 1)
-            tokens[j] = torch.where(sel_hw, coarse.tokens[j], tokens[j])
+            tokens[j] = torch.where(sel_B.view(B, 1, 1), coarse.tokens[j], tokens[j])
             if j + 1 < k and self.cache is not None:  # markov keeps no inputs of earlier scales (no replay)
                 x = self.tok.next_input(coarse.f_hats[j], j, self.sched)
                 self.inputs[j + 1] = torch.where(pick, x, self.inputs[j + 1])
@@ -463,8 +462,7 @@ class _Run:
 
     def __call__(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         B, sched, tok = self.B, self.sched, self.tok
-        size = sched[-1]
-        f_hat = torch.zeros(B, self.gen.config.latent_dim, size, size, device=self.device)
+        f_hat = torch.zeros(B, self.gen.config.latent_dim, sched[-1], sched[-1], device=self.device)
         tokens: list[torch.Tensor] = []
         for k, st in enumerate(self.settings):
             pn, fz = st.pn, self.forced[k]
