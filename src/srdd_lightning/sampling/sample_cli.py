@@ -1,14 +1,10 @@
 """``srdd sample``: images from a trained generator into a folder (PNGs, a grid, an npz and the settings used).
 
-    srdd sample --ckpt runs/digits/srdd --out samples/digits --num_per_class 10 --cfg 2 --top_k 0 --top_p 1
-    srdd sample --ckpt runs/digits/srdd --out edits/ --classes 3 --num_samples 8 \
-        --edit inpaint --image digit.png --mask hole.png
-    torchrun --nproc_per_node 8 $(which srdd) sample --ckpt runs/ffhq/version_0 --out fid/ffhq --num_samples 50000
-
 Sample ``i`` has class ``labels[i]`` and seed ``seed + i``, whatever the batch size and number of processes. Under
 torchrun (torch.distributed's ``env://`` variables) rank 0 checks the folder, every rank draws its share of the
 missing samples, and after a collective rank 0 writes grid.png, samples.npz and sampling.json. sampling.json is
-written before the first PNG with what the images depend on, so a rerun resumes only the same settings (README).
+written before the first PNG with what the images depend on, so a rerun resumes only the same settings (README
+"Sampling and editing" has example commands).
 """
 
 from __future__ import annotations
