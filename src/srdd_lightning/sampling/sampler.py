@@ -382,7 +382,8 @@ class _Run:
         n = probs_BlV.shape[1]
         if self.rngs is None:
             return draw_tokens(probs_BlV, torch.rand(self.B, n, device=self.device))
-        rows, zero = [True] * self.B if who_B is None else who_B.tolist(), torch.zeros(n)
+        rows = [True] * self.B if who_B is None else who_B.tolist()
+        zero = torch.zeros(n)
         u_Bl = torch.stack([torch.rand(n, generator=g) if r else zero for g, r in zip(self.rngs, rows)])
         return draw_tokens(probs_BlV, u_Bl.to(self.device, non_blocking=True))
 
