@@ -1,12 +1,9 @@
 """Write datasets once into train/val webdataset shards plus a JSON index (``srdd data ...``).
 
-Each sample is ``<key>.png`` (RGB, lossless, already at the packed resolution) and ``<key>.cls``
-(the class index as ASCII). Validation shards all hold the same number of samples, so every rank
-of a distributed run gets the same amount of validation work.
-
-A pack is written into a hidden staging folder inside ``out`` and moved into place only once it is
-complete, ``index.json`` last: a failing or interrupted pack leaves the previous one as it was, and
-``--overwrite`` removes only the files the previous ``index.json`` lists.
+Each sample is ``<key>.png`` (RGB, at the packed resolution) and ``<key>.cls`` (the class index as ASCII).
+Validation shards all hold the same number of samples, so every rank gets the same validation work.
+A pack is staged in a hidden folder inside ``out`` and moved into place complete, ``index.json`` last: a failing
+pack leaves the previous one as it was; ``--overwrite`` removes only the files the previous ``index.json`` lists.
 """
 
 from __future__ import annotations
@@ -54,19 +51,14 @@ def _check_int(option: str, value, minimum: int) -> None:
 
 @dataclass
 class SplitOptions:
-    """How samples are divided into shards."""
+    """How samples are divided into shards (the options of ``pack_digits``); checked on creation."""
 
     shard_size: int = 1000
-    """Samples per training shard."""
     val_fraction: float = 0.05
-    """Share of the samples held out for validation (rounded down to fill whole, equal validation shards)."""
     val_shards: int = 8
-    """Number of validation shards, all of equal size; needs to be >= world_size x num_workers of any run."""
     seed: int = 0
-    """Seed of the random train/val split and of the shard order."""
 
     def __post_init__(self) -> None:
-        """Raise :class:`PackError` naming the first option that cannot be honoured."""
         _check_int("shard_size", self.shard_size, 1)
         f = self.val_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float, np.floating)) or not 0.0 < f < 1.0:
@@ -109,10 +101,8 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: 16-bit scaled by 1/257, float read as [0, 1], transparency over white.
-
-    CMYK goes through Pillow's conversion (an embedded ICC profile is not applied).
-    """
+    """Any PIL mode -> 8-bit RGB: 16-bit scaled by 1/257, float read as [0, 1], transparency over white; CMYK by
+    Pillow's conversion (an embedded ICC profile is not applied)."""
     if img.mode in _INT_MODES or img.mode == "F":
         img = _gray_to_8bit(img, name)
     if img.mode in _ALPHA_MODES or "transparency" in img.info:
@@ -123,10 +113,8 @@ def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
 
 
 def _gray_to_8bit(img: Image.Image, name: str) -> Image.Image:
-    """16/32-bit integer or float grayscale -> ``L`` (``LA`` if a value is marked transparent).
-
-    Pillow's own conversion clips these to 0..255, so a 16-bit photo would pack as white.
-    """
+    """16/32-bit integer or float grayscale -> ``L`` (``LA`` if a value is marked transparent); Pillow's own
+    conversion clips these to 0..255, so a 16-bit photo would pack as white."""
     if img.mode == "F":
         arr, lo, hi = np.nan_to_num(np.asarray(img).astype(np.float64), nan=0.0), 0.0, 1.0
         gray = np.round(np.clip(arr, lo, hi) * 255.0).astype(np.uint8)
@@ -181,20 +169,6 @@ class _Skipped:
 # ----------------------------------------------------------------------------- shards and the staging folder
 
 
-def _plan_split(n: int, opts: SplitOptions) -> tuple[np.ndarray, int]:
-    """Seeded permutation of ``n`` samples and the validation size (``val_shards`` equal shards)."""
-    per_shard = int(n * opts.val_fraction) // opts.val_shards
-    if per_shard < 1:
-        raise PackError(
-            f"{n} samples with --val_fraction {opts.val_fraction} cannot fill --val_shards {opts.val_shards} "
-            f"validation shards with at least one sample each; raise --val_fraction or lower --val_shards"
-        )
-    n_val = per_shard * opts.val_shards
-    if n_val >= n:
-        raise PackError(f"validation ({n_val}) would take every one of the {n} samples; lower --val_fraction")
-    return np.random.default_rng(opts.seed).permutation(n), n_val
-
-
 def _shard_name(split: str, i: int) -> str:
     return f"{split}-{i:06d}.tar"
 
@@ -223,12 +197,17 @@ def _write_shards(folder: Path, split: str, samples: Iterator, per_shard: int, m
 def _write_splits(stage: _Stage, n: int, opts: SplitOptions, load: Callable[[int], tuple[Image.Image, int] | None],
                   desc: str) -> dict[str, SplitInfo]:  # fmt: skip
     """Write source items ``0..n-1`` in a seeded order: validation takes the first ``n_val`` loadable ones, training
-    the rest.
-
-    An item whose ``load`` returns None (it failed to decode) is skipped, and the next one in the
-    order takes its place, so the validation shards stay full and equal.
+    the rest. An item whose ``load`` returns None is skipped; the next one takes its place, so validation stays full.
     """
-    order, n_val = _plan_split(n, opts)
+    val_per_shard = int(n * opts.val_fraction) // opts.val_shards
+    if val_per_shard < 1:
+        raise PackError(f"{n} samples with --val_fraction {opts.val_fraction} cannot fill --val_shards "
+                        f"{opts.val_shards} validation shards with at least one sample each; raise --val_fraction "
+                        f"or lower --val_shards")  # fmt: skip
+    n_val = val_per_shard * opts.val_shards
+    if n_val >= n:
+        raise PackError(f"validation ({n_val}) would take every one of the {n} samples; lower --val_fraction")
+    order = np.random.default_rng(opts.seed).permutation(n)
     # every shard name the pack may write (training may come out shorter): none may be a file no pack wrote
     n_train = math.ceil((n - n_val) / opts.shard_size)
     stage.check_names([_shard_name("val", i) for i in range(opts.val_shards)]
@@ -242,7 +221,7 @@ def _write_splits(stage: _Stage, n: int, opts: SplitOptions, load: Callable[[int
                 yield f"{int(i):09d}", loaded[0], loaded[1]
 
     stream = samples()
-    val = _write_shards(stage.dir, "val", stream, n_val // opts.val_shards, max_shards=opts.val_shards)
+    val = _write_shards(stage.dir, "val", stream, val_per_shard, max_shards=opts.val_shards)
     if val.total < n_val:
         raise PackError(f"only {val.total} images could be decoded, fewer than the {n_val} validation samples; "
                         f"see the warnings about skipped files")  # fmt: skip
@@ -320,11 +299,8 @@ class _Stage:
 
 
 def digits_images(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 1,797 real 8x8 handwritten digits as ``(N, 3, R, R)`` uint8 RGB and ``(N,)`` labels.
-
-    The 0..16 grey levels are scaled to 0..255 (white digit on black) and upsampled bilinearly to
-    ``resolution``; nothing is downloaded (the data ship inside scikit-learn).
-    """
+    """scikit-learn's 1,797 real 8x8 handwritten digits as ``(N, 3, R, R)`` uint8 RGB and ``(N,)`` labels: grey
+    levels 0..16 scaled to 0..255 (white on black), upsampled bilinearly; nothing is downloaded."""
     from sklearn.datasets import load_digits
 
     _check_int("resolution", resolution, 8)  # the source is 8x8
@@ -336,15 +312,9 @@ def digits_images(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return img, torch.from_numpy(d.target).long()
 
 
-def pack_digits(
-    out: str | Path = "data/digits",
-    resolution: int = 16,
-    shard_size: int = 128,
-    val_fraction: float = 0.15,
-    val_shards: int = 8,
-    seed: int = 0,
-    overwrite: bool = False,
-) -> ShardIndex:
+def pack_digits(out: str | Path = "data/digits", resolution: int = 16, shard_size: int = 128,
+                val_fraction: float = 0.15, val_shards: int = 8, seed: int = 0, overwrite: bool = False
+                ) -> ShardIndex:  # fmt: skip
     """Pack the built-in digits (scikit-learn's load_digits: 1,797 real 8x8 digits, 10 classes) into shards.
 
     Args:
@@ -366,14 +336,9 @@ def pack_digits(
             return Image.fromarray(img[i].permute(1, 2, 0).numpy()), int(labels[i])
 
         splits = _write_splits(stage, len(img), opts, load, "pack digits")
-        index = ShardIndex(
-            name="digits",
-            resolution=resolution,
-            classes=[str(c) for c in range(10)],
-            splits=splits,
-            source="sklearn.datasets.load_digits (UCI ML hand-written digits, CC BY 4.0)",
-            extra={"seed": seed},
-        )
+        index = ShardIndex("digits", resolution, [str(c) for c in range(10)], splits,
+                           source="sklearn.datasets.load_digits (UCI ML hand-written digits, CC BY 4.0)",
+                           extra={"seed": seed})  # fmt: skip
         stage.commit(index)
     return index
 
@@ -405,14 +370,12 @@ def _walk_files(folder: Path, skipped: _Skipped) -> list[Path]:
     return sorted(files)
 
 
-def scan_image_folder(src: str | Path, skipped: _Skipped | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+def scan_image_folder(src: Path, skipped: _Skipped) -> tuple[list[tuple[Path, int]], list[str]]:
     """Candidate ``(file, class)`` pairs: one subfolder per class, or a flat folder (one class, unconditional)."""
-    src = Path(src)
     if not src.exists():
         raise PackError(f"--src {src} does not exist")
     if not src.is_dir():
         raise PackError(f"--src {src} is a file, not a folder of images")
-    skipped = skipped if skipped is not None else _Skipped(src)
     entries = sorted(src.iterdir())
     subdirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     if not subdirs:
@@ -434,11 +397,8 @@ def scan_image_folder(src: str | Path, skipped: _Skipped | None = None) -> tuple
 
 def _readable_images(src: Path, skip_empty_classes: bool, skipped: _Skipped
                      ) -> tuple[list[tuple[Path, int]], list[str], list[str]]:  # fmt: skip
-    """The ``(file, class)`` pairs Pillow can open, the classes and the empty class folders left out.
-
-    An empty class folder is an error unless ``skip_empty_classes``: a class without samples would
-    still take a label and a row of the generator's class embedding.
-    """
+    """The ``(file, class)`` pairs Pillow can open, the classes and the empty class folders left out. An empty class
+    is an error unless ``skip_empty_classes``: it would still take a label and a row of the class embedding."""
     candidates, classes = scan_image_folder(src, skipped)
     if not candidates and not skipped.names:
         raise PackError(f"--src {src} is empty: no files found")
@@ -466,22 +426,13 @@ def _readable_images(src: Path, skip_empty_classes: bool, skipped: _Skipped
     return readable, classes, empty
 
 
-def pack_image_folder(
-    src: str | Path,
-    out: str | Path,
-    resolution: int = 256,
-    name: str | None = None,
-    shard_size: int = 1000,
-    val_fraction: float = 0.05,
-    val_shards: int = 8,
-    seed: int = 0,
-    skip_empty_classes: bool = False,
-    overwrite: bool = False,
-) -> ShardIndex:
+def pack_image_folder(src: str | Path, out: str | Path, resolution: int = 256, name: str | None = None,
+                      shard_size: int = 1000, val_fraction: float = 0.05, val_shards: int = 8, seed: int = 0,
+                      skip_empty_classes: bool = False, overwrite: bool = False) -> ShardIndex:  # fmt: skip
     """Pack a folder of images into shards: flat (unconditional) or one subfolder per class.
 
-    Any Pillow-readable format becomes 8-bit RGB (see ``to_rgb``), resized (shorter side) and
-    center-cropped to ``resolution``. Hidden and non-image files are skipped and counted.
+    Any Pillow-readable format becomes 8-bit RGB (see ``to_rgb``), resized (shorter side) and center-cropped to
+    ``resolution``. Hidden and non-image files are skipped and counted.
 
     Args:
         src: Image folder: files directly inside (one class) or one subfolder per class.
@@ -526,13 +477,6 @@ def pack_image_folder(
             extra["skipped_classes"] = empty_classes
         if upscaled:
             extra["upscaled"] = upscaled
-        index = ShardIndex(
-            name=name or src.resolve().name,
-            resolution=resolution,
-            classes=classes,
-            splits=splits,
-            source=str(src.resolve()),
-            extra=extra,
-        )
+        index = ShardIndex(name or src.resolve().name, resolution, classes, splits, str(src.resolve()), extra)
         stage.commit(index)
     return index
