@@ -1,8 +1,7 @@
 """``ShardDataModule``: packed shards -> a resumable endless training stream and a finite validation pass.
 
-The same module reads a token cache (``srdd data tokenize``): then batches are ``(idx_BL, label_B)``, the
-tokenizer's indices of every scale flattened coarse-to-fine, sent by the workers as uint16 (a quarter of the
-bytes of int64) and widened to int64 on the device.
+From a token cache (``srdd data tokenize``) batches are ``(idx_BL, label_B)``, the tokenizer's indices of every scale
+flattened coarse-to-fine, sent by the workers as uint16 (a quarter of int64's bytes), widened to int64 on the device.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from ..utils.images import from_uint8
 from .index import ShardIndex
-from .stream import Codec, ImageCodec, TokenCodec, TrainLoader, TrainStream, ValShards, batches_per_epoch
+from .stream import Codec, ImageCodec, TokenCodec, TrainLoader, TrainStream, ValShards
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -35,18 +34,9 @@ class ShardDataModule(pl.LightningDataModule):
         shuffle_buffer: Samples held (undecoded) for shuffling in each worker.
     """
 
-    def __init__(
-        self,
-        root: str = "data/digits",
-        batch_size: int = 64,
-        val_batch_size: int | None = None,
-        resolution: int | None = None,
-        flip: bool = False,
-        num_workers: int = 0,
-        seed: int = 0,
-        epoch_length: int | None = None,
-        shuffle_buffer: int = 1000,
-    ):
+    def __init__(self, root: str = "data/digits", batch_size: int = 64, val_batch_size: int | None = None,
+                 resolution: int | None = None, flip: bool = False, num_workers: int = 0, seed: int = 0,
+                 epoch_length: int | None = None, shuffle_buffer: int = 1000):
         super().__init__()
         self.root = Path(root)
         self.index = ShardIndex.load(self.root, tokens=None)
@@ -56,14 +46,10 @@ class ShardDataModule(pl.LightningDataModule):
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         if epoch_length is not None and epoch_length < 1:
             raise ValueError(f"data.epoch_length must be >= 1, got {epoch_length}")
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.resolution = resolution or self.index.resolution
-        self.flip = flip
-        self.num_workers = num_workers
-        self.seed = seed
-        self.epoch_length = epoch_length
-        self.shuffle_buffer = shuffle_buffer
+        self.flip, self.num_workers, self.seed = flip, num_workers, seed
+        self.epoch_length, self.shuffle_buffer = epoch_length, shuffle_buffer
         self.rank, self.world_size = 0, 1
         if self.token_info is not None:
             if resolution not in (None, self.index.resolution):
@@ -110,10 +96,8 @@ class ShardDataModule(pl.LightningDataModule):
     # ---- setup
     def _per_rank(self, global_batch: int, option: str) -> int:
         if global_batch % self.world_size:
-            raise ValueError(
-                f"{option}={global_batch} is the global batch and must divide evenly over "
-                f"world_size={self.world_size} ranks (trainer.devices x trainer.num_nodes)"
-            )
+            raise ValueError(f"{option}={global_batch} is the global batch and must divide evenly over "
+                             f"world_size={self.world_size} ranks (trainer.devices x trainer.num_nodes)")  # fmt: skip
         return global_batch // self.world_size
 
     def setup(self, stage: str | None = None) -> None:
@@ -125,24 +109,21 @@ class ShardDataModule(pl.LightningDataModule):
             n_val = len(self.index.shard_paths("val"))
             needed = self.world_size * max(1, self.num_workers)
             if n_val < needed:
-                raise ValueError(
-                    f"{self.root} has {n_val} validation shards, fewer than world_size x num_workers = "
-                    f"{self.world_size} x {max(1, self.num_workers)} = {needed}: some would get no data. "
-                    f"Lower data.num_workers or re-pack with more --val_shards"
-                )
+                raise ValueError(f"{self.root} has {n_val} validation shards, fewer than world_size x num_workers = "
+                                 f"{self.world_size} x {max(1, self.num_workers)} = {needed}: some would get no "
+                                 f"data. Lower data.num_workers or re-pack with more --val_shards")  # fmt: skip
             if n_val % self.world_size:
-                raise ValueError(
-                    f"{self.root} has {n_val} validation shards, which do not divide evenly over "
-                    f"world_size={self.world_size} ranks (validation must be equal work on every rank); "
-                    f"re-pack with --val_shards a multiple of {self.world_size}"
-                )
+                raise ValueError(f"{self.root} has {n_val} validation shards, which do not divide evenly over "
+                                 f"world_size={self.world_size} ranks (validation must be equal work on every "
+                                 f"rank); re-pack with --val_shards a multiple of {self.world_size}")  # fmt: skip
 
     def train_stream(self) -> TrainStream:
         return TrainStream(self.index.shard_paths("train"), self.resolution, self.seed, self.rank, self.flip,
                            self.shuffle_buffer, codec=self.codec("train"))  # fmt: skip
 
     def train_dataloader(self) -> TrainLoader:
-        steps = self.epoch_length or batches_per_epoch(self.index.split("train").total, self.batch_size)
+        # one pass over the training split at the global batch (at least one step)
+        steps = self.epoch_length or max(1, self.index.split("train").total // self.batch_size)
         return TrainLoader(self.train_stream(), self.per_rank_batch, steps, self.num_workers,
                            pin_memory=self._pin_memory())  # fmt: skip
 

@@ -1,22 +1,16 @@
 """Reading shards: a deterministic, endless, resampled training stream and a finite validation pass.
 
-Training: every (seed, epoch, rank, worker) gets its own random generator, draws shards with
-replacement, shuffles samples through a buffer of undecoded bytes and yields decoded batches. The
-random choices happen before decoding, so a resumed run can fast-forward by reading raw bytes only
-and continue exactly the same stream.
-
-Validation: shards are dealt to ranks, then to workers, in a fixed order; each sample is seen once.
-
-What a sample holds and how its bytes become a tensor is a codec: :class:`ImageCodec` (``png`` -> image)
-or :class:`TokenCodec` (a token cache's ``idx`` / ``idx_flip`` -> uint16 token indices); the stream, its
-randomness and its resume are the same for both.
+Training: every (seed, epoch, rank, worker) gets its own random generator, draws shards with replacement and
+shuffles samples through a buffer of undecoded bytes. The random choices happen before decoding, so a resumed run
+fast-forwards by reading raw bytes only and continues exactly the same stream. Validation: shards are dealt to
+ranks, then to workers, in a fixed order; each sample is seen once. How a sample's bytes become a tensor is a codec
+(:class:`ImageCodec` or :class:`TokenCodec`); the stream, its randomness and its resume are the same for both.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -92,11 +86,9 @@ def read_samples(path: str | Path, fields: tuple[str, ...], counter: dict | None
 
 
 def _skip(counter: dict | None, path, why: str) -> None:
+    total = "?"
     if counter is not None:
-        counter["skipped"] = counter.get("skipped", 0) + 1
-        total = counter["skipped"]
-    else:
-        total = "?"
+        total = counter["skipped"] = counter.get("skipped", 0) + 1
     warnings.warn(f"skipped corrupt data in shard {path} ({why}); {total} skipped so far", CorruptSampleWarning,
                   stacklevel=2)
 
@@ -134,10 +126,7 @@ class ImageCodec:
 
     resolution: int
     uint8: bool = False
-
-    @property
-    def fields(self) -> tuple[str, ...]:
-        return ("png",)
+    fields = ("png",)  # a class attribute, not a dataclass field
 
     def decode(self, data: tuple[bytes, ...], flip: bool) -> torch.Tensor:
         return decode_image(data[0], self.resolution, flip, self.uint8)
@@ -181,28 +170,16 @@ class TrainStream(IterableDataset):
     """Endless resampled stream of ``(image, label)`` (or ``(idx_L, label)`` with a :class:`TokenCodec`) for one
     rank; batches are formed by the loader."""
 
-    def __init__(
-        self,
-        shards: list[Path],
-        resolution: int,
-        seed: int,
-        rank: int = 0,
-        flip: bool = False,
-        shuffle_buffer: int = 1000,
-        codec: Codec | None = None,
-    ):
+    def __init__(self, shards: list[Path], resolution: int, seed: int, rank: int = 0, flip: bool = False,
+                 shuffle_buffer: int = 1000, codec: Codec | None = None):
         if not shards:
             raise ValueError("the training split has no shards")
         self.shards = [Path(s) for s in shards]
-        self.resolution = resolution
         self.codec = codec or ImageCodec(resolution)
         if flip and isinstance(self.codec, TokenCodec) and not self.codec.flipped:
             # otherwise every flipped draw would be skipped as undecodable, silently halving the data
             raise ValueError("flip=True needs a token cache written with `srdd data tokenize --flip true`")
-        self.seed = seed
-        self.rank = rank
-        self.flip = flip
-        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.seed, self.rank, self.flip, self.shuffle_buffer = seed, rank, flip, max(1, shuffle_buffer)
         self.epoch = 0
         self.counter: dict = {}
 
@@ -244,11 +221,8 @@ class TrainLoader:
                  pin_memory: bool = False):
         if batches_per_epoch < 1:
             raise ValueError(f"an epoch needs at least one batch, got batches_per_epoch={batches_per_epoch}")
-        self.stream = dataset
-        self.batch_size = batch_size
-        self.batches_per_epoch = batches_per_epoch
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self.stream, self.batch_size, self.batches_per_epoch = dataset, batch_size, batches_per_epoch
+        self.num_workers, self.pin_memory = num_workers, pin_memory
         self._epoch = 0  # epoch of the current (or next) iteration
         self._served = 0  # batches of that epoch already consumed
 
@@ -258,13 +232,8 @@ class TrainLoader:
     def __iter__(self) -> Iterator:
         epoch, skip = self._epoch, self._served
         self.stream.epoch = epoch
-        loader = DataLoader(
-            _SkipPerWorker(self.stream, skip, max(1, self.num_workers), self.batch_size),
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-        )
-        it = iter(loader)
+        it = iter(DataLoader(_SkipPerWorker(self.stream, skip, max(1, self.num_workers), self.batch_size),
+                             batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory))
         for i in range(skip, self.batches_per_epoch):
             batch = next(it)
             # Advance the position before yielding: Lightning stops asking after the last batch.
@@ -305,20 +274,14 @@ class ValShards(IterableDataset):
     def __init__(self, shards: list[Path], resolution: int, rank: int = 0, world_size: int = 1,
                  counts: list[int] | None = None, codec: Codec | None = None):
         self.shards = [Path(s) for s in shards]
-        self.resolution = resolution
         self.codec = codec or ImageCodec(resolution)
-        self.rank = rank
-        self.world_size = world_size
-        self.counts = counts
+        self.rank, self.world_size, self.counts = rank, world_size, counts
         self.counter: dict = {}
-
-    def rank_shards(self) -> list[Path]:
-        return self.shards[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         worker, workers = _worker()
         counts = self.counts[self.rank :: self.world_size] if self.counts is not None else None
-        for i, shard in list(enumerate(self.rank_shards()))[worker::workers]:
+        for i, shard in list(enumerate(self.shards[self.rank :: self.world_size]))[worker::workers]:
             n, last = 0, None
             for key, data, label in read_samples(shard, self.codec.fields, self.counter):
                 img = _decode_or_skip(self.codec, data, False, self.counter, f"{shard}:{key}")
@@ -331,8 +294,3 @@ class ValShards(IterableDataset):
                               CorruptSampleWarning, stacklevel=2)  # fmt: skip
                 for _ in range(counts[i] - n):
                     yield last
-
-
-def batches_per_epoch(total_samples: int, global_batch: int) -> int:
-    """Steps in one pass over the training split at the global batch size (at least one)."""
-    return max(1, math.floor(total_samples / global_batch))
