@@ -47,8 +47,7 @@ class ShardIndex:
     source: str = ""
     extra: dict = field(default_factory=dict)
     root: Path | None = None
-    tokens: dict | None = None
-    """A token cache's tokenizer (fingerprint, path, patch_nums, vocab_size, flip, ...); None for packed images."""
+    tokens: dict | None = None  # a token cache's tokenizer (fingerprint, path, patch_nums, ...); None for images
 
     @property
     def num_classes(self) -> int:
@@ -90,18 +89,10 @@ class ShardIndex:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        out = {
-            "format": FORMAT if self.tokens is None else TOKENS_FORMAT,
-            "name": self.name,
-            "resolution": self.resolution,
-            "num_classes": self.num_classes,
-            "classes": self.classes,
-            "source": self.source,
-            "splits": {
-                k: {"total": v.total, "shards": [asdict(s) for s in v.shards]} for k, v in self.splits.items()
-            },
-            "extra": self.extra,
-        }
+        splits = {k: {"total": v.total, "shards": [asdict(s) for s in v.shards]} for k, v in self.splits.items()}
+        out = {"format": FORMAT if self.tokens is None else TOKENS_FORMAT, "name": self.name,
+               "resolution": self.resolution, "num_classes": self.num_classes, "classes": self.classes,
+               "source": self.source, "splits": splits, "extra": self.extra}
         if self.tokens is not None:
             out["tokens"] = self.tokens
         return out
@@ -119,15 +110,11 @@ class ShardIndex:
         root = Path(root)
         path = root / INDEX_NAME
         if not root.exists():
-            raise FileNotFoundError(
-                f"dataset folder {root} does not exist; pack one first, e.g. `srdd data digits --out {root}` "
-                f"or `srdd data folder --src <images> --out {root}`"
-            )
+            raise FileNotFoundError(f"dataset folder {root} does not exist; pack one first, e.g. `srdd data digits "
+                                    f"--out {root}` or `srdd data folder --src <images> --out {root}`")  # fmt: skip
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found: {root} is not a packed dataset (or its packing did not finish); "
-                f"pack it with `srdd data digits` or `srdd data folder`"
-            )
+            raise FileNotFoundError(f"{path} not found: {root} is not a packed dataset (or its packing did not "
+                                    f"finish); pack it with `srdd data digits` or `srdd data folder`")  # fmt: skip
         raw = read_raw(path)
         is_cache = raw["format"] == TOKENS_FORMAT
         if tokens is False and is_cache:
@@ -138,16 +125,9 @@ class ShardIndex:
                              f"`srdd data tokenize --data {root} --tokenizer RUN --out FOLDER`")  # fmt: skip
         try:
             splits = {k: SplitInfo(_shards(v["shards"])) for k, v in raw["splits"].items()}
-            index = cls(
-                name=str(raw["name"]),
-                resolution=_positive_int(raw["resolution"]),
-                classes=[str(c) for c in raw["classes"]],
-                splits=splits,
-                source=str(raw.get("source", "")),
-                extra=dict(raw.get("extra", {})),
-                root=root,
-                tokens=_token_entry(raw["tokens"]) if is_cache else None,
-            )
+            index = cls(str(raw["name"]), _positive_int(raw["resolution"]), [str(c) for c in raw["classes"]], splits,
+                        str(raw.get("source", "")), dict(raw.get("extra", {})), root,
+                        _token_entry(raw["tokens"]) if is_cache else None)  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             what = f"lacks the entry {e.args[0]!r}" if isinstance(e, KeyError) else f"is malformed ({e})"
             raise ValueError(f"{path} {what}; re-pack the dataset") from e

@@ -1,18 +1,12 @@
 """``srdd data tokenize``: encode packed shards once with a frozen tokenizer, so the generator's step skips the encoder.
 
-Each sample of a token cache is ``<key>.idx``, the tokenizer's indices of every scale of the schedule flattened
-coarse-to-fine (``models.scales.flatten_tokens``) as little-endian uint16 bytes, and ``<key>.cls``, the label. With
-``--flip true`` a *training* sample also holds ``<key>.idx_flip``, the tokens of the horizontally mirrored image:
-both orientations sit in one sample, so the cache keeps the source's shard names, keys, order and counts, and the
-training stream draws shards, shuffles and flips exactly as it does over the images (one flip draw per sample).
-Validation is never flipped.
-
-``index.json`` has the format ``srdd-tokens-v1`` and a ``tokens`` entry with the tokenizer's weight fingerprint,
-path, schedule and vocabulary, which the generator compares with its own tokenizer before training.
-
-The cache is written like a pack (``data.pack``): into a hidden staging folder inside ``--out``, shards through
-atomic writes, ``index.json`` last, so a failing or interrupted run leaves no folder that reads as complete.
-``--out`` must be new or empty: nothing the user made is overwritten.
+A sample is ``<key>.idx``, the indices of every scale flattened coarse-to-fine (``models.scales.flatten_tokens``)
+as little-endian uint16, and ``<key>.cls``. With ``--flip true`` a *training* sample also holds ``<key>.idx_flip``,
+the tokens of the mirrored image: both orientations in one sample keep the source's shard names, keys, order and
+counts, so the training stream draws, shuffles and flips exactly as over the images (validation is never flipped).
+``index.json`` (``srdd-tokens-v1``) names the tokenizer's weight fingerprint, path, schedule and vocabulary, which
+the generator checks against its own. The cache is staged like a pack (``data.pack``), into a new or empty
+``--out`` only: nothing the user made is overwritten, and a failed run leaves no folder that reads as complete.
 """
 
 from __future__ import annotations
@@ -60,16 +54,9 @@ def _check_out(out: Path) -> None:
                         f"or empty folder (it never overwrites): choose another --out or remove it yourself")  # fmt: skip
 
 
-def tokenize(
-    data: str | Path,
-    tokenizer: str | Path,
-    out: str | Path,
-    flip: bool = False,
-    patch_nums: list[int] | None = None,
-    batch_size: int = 64,
-    device: str = "cpu",
-    ema: bool = True,
-) -> ShardIndex:
+def tokenize(data: str | Path, tokenizer: str | Path, out: str | Path, flip: bool = False,
+             patch_nums: list[int] | None = None, batch_size: int = 64, device: str = "cpu", ema: bool = True
+             ) -> ShardIndex:  # fmt: skip
     """Encode packed images (both splits) with a frozen tokenizer into token shards that ``data.root`` can read.
 
     Args:
@@ -136,27 +123,13 @@ def tokenize(
                     raise PackError(f"--data: no image of shard {path} could be decoded; re-pack the dataset")
                 shards.append(ShardInfo(sh.file, count))
             splits[split] = SplitInfo(shards)
-        cache = ShardIndex(
-            name=index.name,
-            resolution=index.resolution,
-            classes=index.classes,
-            splits=splits,
-            source=str(data.resolve()),
-            extra={"source_format": FORMAT, "source_extra": index.extra, "skipped": counter.get("skipped", 0)},
-            tokens={
-                "fingerprint": info["fingerprint"],
-                "tokenizer": info["path"],
-                "tokenizer_abspath": str(Path(info["path"]).resolve()),
-                "kind": info["kind"],
-                "ema": info["ema"],
-                "patch_nums": list(pns),
-                "tokenizer_patch_nums": list(info["patch_nums"]),
-                "vocab_size": info["vocab_size"],
-                "num_tokens": num_tokens(pns),
-                "dtype": "uint16",
-                "flip": bool(flip),
-            },
-        )
+        tokens = dict(fingerprint=info["fingerprint"], tokenizer=info["path"],
+                      tokenizer_abspath=str(Path(info["path"]).resolve()), kind=info["kind"], ema=info["ema"],
+                      patch_nums=list(pns), tokenizer_patch_nums=list(info["patch_nums"]),
+                      vocab_size=info["vocab_size"], num_tokens=num_tokens(pns), dtype="uint16", flip=bool(flip))
+        extra = {"source_format": FORMAT, "source_extra": index.extra, "skipped": counter.get("skipped", 0)}
+        cache = ShardIndex(index.name, index.resolution, index.classes, splits, str(data.resolve()), extra,
+                           tokens=tokens)
         stage.commit(cache)
     if counter.get("skipped"):
         log.warning("%d sample(s) of %s could not be read and are not in the cache", counter["skipped"], data)
@@ -170,8 +143,7 @@ def _tokenize_shard(src: Path, dst: Path, resolution: int, encode: Callable[[tor
     with atomic_open(dst) as f:  # a temporary name until the shard is complete
         writer = wds.TarWriter(f)
         try:
-            for batch in _prefetched(_batches(_images(src, resolution, counter), batch_size)):
-                keys, img_B3HW, labels = batch
+            for keys, img_B3HW, labels in _prefetched(_batches(src, resolution, batch_size, counter)):
                 idx_BL = encode(img_B3HW)
                 idx_flip_BL = encode(img_B3HW.flip(-1)) if flip else None  # = decode_image(png, R, flip=True)
                 for i, key in enumerate(keys):
@@ -186,7 +158,10 @@ def _tokenize_shard(src: Path, dst: Path, resolution: int, encode: Callable[[tor
     return count
 
 
-def _images(src: Path, resolution: int, counter: dict) -> Iterator[tuple[str, torch.Tensor, int]]:
+def _batches(src: Path, resolution: int, batch_size: int, counter: dict
+             ) -> Iterator[tuple[list[str], torch.Tensor, list[int]]]:  # fmt: skip
+    """The decodable images of shard ``src`` in batches of ``batch_size`` (the last may be short)."""
+    keys, imgs, labels = [], [], []
     for key, png, label in read_shard(src, counter):
         try:
             img = decode_image(png, resolution, False)
@@ -194,12 +169,6 @@ def _images(src: Path, resolution: int, counter: dict) -> Iterator[tuple[str, to
             counter["skipped"] = counter.get("skipped", 0) + 1
             log.warning("skipping sample %s of shard %s: undecodable image (%s)", key, src, e)
             continue
-        yield key, img, label
-
-
-def _batches(samples: Iterator, batch_size: int) -> Iterator[tuple[list[str], torch.Tensor, list[int]]]:
-    keys, imgs, labels = [], [], []
-    for key, img, label in samples:
         keys.append(key), imgs.append(img), labels.append(label)
         if len(keys) == batch_size:
             yield keys, torch.stack(imgs), labels
