@@ -67,8 +67,8 @@ class SplitOptions:
         _check_int("seed", self.seed, 0)  # numpy's generators refuse negative seeds
 
 
-def warn_tokenizer_sizes(resolution: int) -> str | None:
-    """Warn (and return the message) when ``resolution`` is not a multiple of a tokenizer preset's downsampling."""
+def warn_tokenizer_sizes(resolution: int) -> None:
+    """Warn when ``resolution`` is not a multiple of a tokenizer preset's downsampling."""
     from ..models.tokenizer import TOKENIZER_PRESETS, tokenizer_config
 
     by_factor: dict[int, list[str]] = {}
@@ -76,7 +76,7 @@ def warn_tokenizer_sizes(resolution: int) -> str | None:
         by_factor.setdefault(tokenizer_config(name).downsample, []).append(name)
     bad = [(f, names) for f, names in sorted(by_factor.items(), reverse=True) if resolution % f]
     if not bad:
-        return None
+        return
     f = bad[0][0]
     nearby = " or ".join(str(r) for r in (resolution // f * f, resolution // f * f + f) if r > 0)
     msg = (f"resolution {resolution} is not a multiple of "
@@ -84,7 +84,6 @@ def warn_tokenizer_sizes(resolution: int) -> str | None:
            + f": those tokenizer presets cannot encode these images; pack at e.g. {nearby}, "
              f"or set data.resolution when training to resize on the fly")  # fmt: skip
     log.warning(msg)
-    return msg
 
 
 # ----------------------------------------------------------------------------- images
@@ -388,10 +387,8 @@ def scan_image_folder(src: Path, skipped: _Skipped) -> tuple[list[tuple[Path, in
         elif _unreadable(p) is not None:
             skipped.add(p, "not an image, beside the class folders")  # a README.txt next to the classes
         else:
-            raise PackError(
-                f"--src {src} mixes images ({p.name}, ...) and class subfolders ({subdirs[0].name}, ...); "
-                f"use either a flat folder (unconditional) or one subfolder per class"
-            )
+            raise PackError(f"--src {src} mixes images ({p.name}, ...) and class subfolders ({subdirs[0].name}, "
+                            f"...); use either a flat folder (unconditional) or one subfolder per class")
     return [(f, c) for c, d in enumerate(subdirs) for f in _walk_files(d, skipped)], [d.name for d in subdirs]
 
 
@@ -419,10 +416,9 @@ def _readable_images(src: Path, skip_empty_classes: bool, skipped: _Skipped
             raise PackError(f"class folder(s) {', '.join(empty)} in --src {src} hold no readable images; add "
                             f"images, remove the folder(s), or pass --skip_empty_classes true to pack without them")
         log.warning("skipping empty class folder(s) %s: they hold no readable images", ", ".join(empty))
-        kept = [c for c in range(len(classes)) if counts[c]]
-        renumber = {old: new for new, old in enumerate(kept)}
+        renumber = {old: new for new, old in enumerate(c for c in range(len(classes)) if counts[c])}
         readable = [(f, renumber[c]) for f, c in readable]
-        classes = [classes[c] for c in kept]
+        classes = [classes[c] for c in renumber]
     return readable, classes, empty
 
 

@@ -10,6 +10,7 @@ ranks, then to workers, in a fixed order; each sample is seen once. How a sample
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import warnings
 from collections.abc import Iterator
@@ -144,8 +145,6 @@ class TokenCodec:
         return ("idx", "idx_flip") if self.flipped else ("idx",)
 
     def decode(self, data: tuple[bytes, ...], flip: bool) -> torch.Tensor:
-        if flip and not self.flipped:
-            raise ValueError("a flipped sample from a token cache without flipped tokens")
         return decode_tokens(data[1] if flip else data[0], self.num_tokens)
 
 
@@ -199,9 +198,7 @@ class TrainStream(IterableDataset):
     def iterate(self, skip_samples: int = 0, worker: int | None = None) -> Iterator[tuple[torch.Tensor, int]]:
         """Decoded samples of one worker's stream (default: this process's), after ``skip_samples`` raw ones."""
         stream = self.raw_samples(self.epoch, _worker()[0] if worker is None else worker)
-        for _ in range(skip_samples):
-            next(stream)
-        for s in stream:
+        for s in itertools.islice(stream, skip_samples, None):
             x = _decode_or_skip(self.codec, s.data, s.flip, self.counter, s.key)
             if x is not None:
                 yield x, s.label
