@@ -89,9 +89,7 @@ class ShardDataModule(pl.LightningDataModule):
 
     def _pin_memory(self) -> bool:
         # Page-locked host batches make the copy to a GPU asynchronous; on a CPU run they only cost memory.
-        if not torch.cuda.is_available():
-            return False
-        return self.trainer is None or self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available() and (self.trainer is None or self.trainer.strategy.root_device.type == "cuda")
 
     # ---- setup
     def _per_rank(self, global_batch: int, option: str) -> int:
