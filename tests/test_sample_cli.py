@@ -114,8 +114,12 @@ def test_writes_files_and_record_and_resumes(ckpts, tmp_path, monkeypatch):
         if not first:  # the record exists before any PNG, so an interrupted folder says what it holds
             first.append((_record(out), list(out.glob("0*.png"))))
         draws.append(list(seeds))
-        return real(self, labels_B, config, seeds=seeds, **kw)
+        result = real(self, labels_B, config, seeds=seeds, **kw)
+        for j, s in enumerate(seeds):
+            tokens.setdefault(s, []).append(torch.cat([t[j].flatten() for t in result.tokens]))
+        return result
 
+    tokens: dict[int, list[torch.Tensor]] = {}
     monkeypatch.setattr(Sampler, "sample", spy)
     srdd(args)
     assert first[0][0]["complete"] is False and first[0][0]["label_runs"] == [[0, 2], [3, 2]] and first[0][1] == []
@@ -140,7 +144,11 @@ def test_writes_files_and_record_and_resumes(ckpts, tmp_path, monkeypatch):
     srdd(args)
     assert draws == [[1]]
     assert all(mtimes[n] == (out / n).stat().st_mtime_ns for n in mtimes if n != "000001_c0.png")
-    assert np.array_equal(np.load(out / "samples.npz")["arr_0"], npz["arr_0"])  # same seed -> same sample
+    # same seed -> same sample: the same tokens; the pixels within one level of 255, since the resumed sample is decoded
+    # in a batch of 1, not 3, and oneDNN's conv2d on AVX-512/AMX CPUs rounds by batch size (~1e-6)
+    assert len(tokens[1]) == 2 and torch.equal(tokens[1][0], tokens[1][1])
+    diff = np.abs(np.load(out / "samples.npz")["arr_0"].astype(int) - npz["arr_0"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
     assert _record(out)["timed_images"] == 5  # this run's image is added to the earlier runs' timing
 
     # the same weights under another path resume too (the record keeps their fingerprint, not the path)
