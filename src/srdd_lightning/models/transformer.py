@@ -1,13 +1,8 @@
 """The stage-2 generator: VAR's transformer with a switchable attention mask.
 
-One model serves both VAR (``attn="causal"``: scale k attends to scales <= k) and SRDD's Markov
-form (``attn="markov"``: scale k attends to scale k only, whose input already summarises every
-coarser scale; ``"markov_prev"`` adds the previous scale, an ablation). Training runs all scales
-in one teacher-forced pass (:meth:`VARTransformer.forward`); sampling runs one scale at a time
-(:meth:`VARTransformer.forward_scale`) with an explicit :class:`KVCache` owned by the caller.
-
-Token layout: ``x_BLC`` concatenates the scales of a schedule coarse-to-fine (``models/scales.py``);
-the first scale's input is a start token made from the class embedding.
+``attn="causal"`` is VAR (scale k attends to scales <= k); ``"markov"`` is SRDD (scale k attends to itself only,
+its input already summarises the coarser scales); ``"markov_prev"`` adds the previous scale (an ablation).
+``x_BLC`` concatenates the scales coarse-to-fine; the first scale's input is a start token from the class embedding.
 """
 
 from __future__ import annotations
@@ -16,6 +11,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal, get_args
 
 import torch
@@ -36,9 +32,7 @@ ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
-# --------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------
+# ---- Config ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -97,47 +91,35 @@ class GeneratorConfig:
         for name in ("depth", "num_classes", "vocab_size", "latent_dim"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        width, heads = self.resolved_width, self.resolved_heads
+        width, heads, drop_path = self._auto()
         if width < 1 or heads < 1:
             raise ValueError(f"width and num_heads must be >= 1, got width={width}, num_heads={heads}")
         if width % heads:
             raise ValueError(f"width ({width}) must be divisible by num_heads ({heads})")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-        if not 0.0 <= self.resolved_drop_path < 1.0:
-            raise ValueError(f"drop_path must be in [0, 1), got {self.resolved_drop_path}")
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
         if not 0.0 <= self.cond_drop < 1.0:
             raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
         if self.init.std is not None and self.init.std <= 0:
             raise ValueError(f"init.std must be > 0 or None (automatic), got {self.init.std}")
 
-    @property
-    def resolved_width(self) -> int:
-        return int(self.width) if self.width is not None else 64 * int(self.depth)
-
-    @property
-    def resolved_heads(self) -> int:
-        return int(self.num_heads) if self.num_heads is not None else int(self.depth)
-
-    @property
-    def resolved_drop_path(self) -> float:
-        return float(self.drop_path) if self.drop_path is not None else 0.1 * self.depth / 24
+    def _auto(self) -> tuple[int, int, float]:
+        """(width, num_heads, drop_path), each None replaced by VAR's rule."""
+        width = int(self.width) if self.width is not None else 64 * int(self.depth)
+        heads = int(self.num_heads) if self.num_heads is not None else int(self.depth)
+        return width, heads, float(self.drop_path) if self.drop_path is not None else 0.1 * self.depth / 24
 
     def resolved(self) -> GeneratorConfig:
         """A copy with every automatic (None) field replaced by its value."""
-        std = self.init.std if self.init.std is not None else math.sqrt(1 / (3 * self.resolved_width))
-        return dataclasses.replace(
-            self,
-            width=self.resolved_width,
-            num_heads=self.resolved_heads,
-            drop_path=self.resolved_drop_path,
-            init=dataclasses.replace(self.init, std=std),
-        )
+        width, heads, drop_path = self._auto()
+        std = self.init.std if self.init.std is not None else math.sqrt(1 / (3 * width))
+        return dataclasses.replace(self, width=width, num_heads=heads, drop_path=drop_path,
+                                   init=dataclasses.replace(self.init, std=std))
 
 
-# --------------------------------------------------------------------------------------------
-# Blocks
-# --------------------------------------------------------------------------------------------
+# ---- Blocks ----------------------------------------------------------------------------------
 
 
 class DropPath(nn.Module):
@@ -163,8 +145,7 @@ class DropPath(nn.Module):
 
 
 def cpu_uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Uniforms drawn on the CPU (so they do not depend on the device), moved without a host sync:
-    a pinned buffer and a non-blocking copy on CUDA (a pageable copy waits for the stream)."""
+    """Uniforms drawn on the CPU (device-independent), moved without a host sync (pinned, non-blocking on CUDA)."""
     u = torch.rand(shape, generator=generator)
     if device.type == "cuda":
         return u.pin_memory().to(device, non_blocking=True)
@@ -253,26 +234,19 @@ class AdaLNHead(nn.Module):
         return self.out(self.norm(x_BLC) * (1 + scale) + shift)
 
 
-# --------------------------------------------------------------------------------------------
-# KV cache for step-wise sampling
-# --------------------------------------------------------------------------------------------
+# ---- KV cache for step-wise sampling -----------------------------------------------------------
 
 
 class KVCache:
     """K/V of earlier scales for :meth:`VARTransformer.forward_scale`, owned by the caller.
 
-    Keeps every previous scale (``causal``), only the previous one (``markov_prev``) or nothing
-    (``markov``). Re-running a scale (resampling) replaces its entry and drops later ones.
-
-    Storage is preallocated on the first pass, per block, as K and V buffers (B, H, T, c) in the
-    dtype and device of that pass's keys: each scale writes its K/V into its slice, and a query
-    attends over a view of the buffer, so no scale is ever concatenated or copied again
-    (the concatenating cache copied all past scales at every block of every scale, O(K²)).
-    ``causal``: T = all tokens of the schedule, scale j at its offset in the sequence, keys of
-    scale si the prefix ``[:end(si)]``. ``markov_prev``: T = the two largest consecutive scales,
-    the current scale right-aligned at ``[T − n_si, T)`` and the previous one just before it; the
-    previous scale moves once, forward, when the next begins (n_si grows, so source and target never
-    overlap). Key order is the sequence order in both, so logits equal the teacher-forced pass.
+    Keeps every previous scale (``causal``), the previous one (``markov_prev``) or none (``markov``); re-running a
+    scale (resampling) replaces its entry and drops later ones. Per block, K and V buffers (B, H, T, c) are allocated
+    on the first pass and each scale writes into its slice, so no scale is concatenated again (the concatenating
+    cache copied all past scales at every block of every scale, O(K²)). ``causal``: T = all tokens, scale j at its
+    sequence offset. ``markov_prev``: T = the two largest consecutive scales, the current one right-aligned and the
+    previous just before it, moved forward once when the next begins (n_si grows, so the copies never overlap).
+    Key order is the sequence order, so logits equal the teacher-forced pass.
     """
 
     def __init__(self, schedule: Schedule, attn: str) -> None:
@@ -375,9 +349,7 @@ def attention_pairs(schedule: Sequence[int], attn: str) -> int:
     return sum(p * p * sum(schedule[j] ** 2 for j in _key_scales(attn, k)) for k, p in enumerate(schedule))
 
 
-# --------------------------------------------------------------------------------------------
-# The model
-# --------------------------------------------------------------------------------------------
+# ---- The model ---------------------------------------------------------------------------------
 
 
 class VARTransformer(nn.Module):
@@ -387,7 +359,6 @@ class VARTransformer(nn.Module):
         super().__init__()
         cfg = self.config = config.resolved()
         C, K = cfg.width, len(cfg.patch_nums)
-        assert C is not None and cfg.num_heads is not None and cfg.drop_path is not None
         self.patch_nums: Schedule = cfg.patch_nums
         self.num_classes = cfg.num_classes
 
@@ -407,14 +378,11 @@ class VARTransformer(nn.Module):
         self._plans: dict[tuple, Attend] = {}  # (schedule, device, backend) -> attention over that sequence
         self.reset_parameters()
 
-    # ---- initialisation -------------------------------------------------------------------
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """VAR's initialisation: trunc-normal everywhere, then head ×head, proj/fc2 ÷ sqrt(2·depth), AdaLN rows."""
         init, C = self.config.init, self.config.width
         std = init.std
-        assert std is not None and C is not None
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(m.weight, std=std)
@@ -435,20 +403,15 @@ class VARTransformer(nn.Module):
             blk.ada.weight[: 2 * C].mul_(init.adaln_gate)  # γ1, γ2: blocks start near identity
             blk.ada.weight[2 * C :].mul_(init.adaln)
 
-    # ---- conditioning ---------------------------------------------------------------------
-
     @property
     def null_class(self) -> int:
         """Label of the unconditional (null) class used by classifier-free guidance."""
         return self.num_classes
 
-    def drop_labels(
-        self, label_B: torch.Tensor, p: float | None = None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def drop_labels(self, label_B: torch.Tensor, p: float | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
         """Replace each label by the null class with probability ``p`` (default ``config.cond_drop``).
-
-        ``generator`` is a CPU generator (the draws are made on the CPU, then moved), or None for the global RNG.
-        """
+        ``generator``: a CPU generator (draws on the CPU, then moved), or None for the global RNG."""
         p = self.config.cond_drop if p is None else p
         if generator is None:
             drop_B = torch.rand(label_B.shape, device=label_B.device) < p
@@ -476,8 +439,6 @@ class VARTransformer(nn.Module):
     def _as_cond(self, cond: torch.Tensor) -> torch.Tensor:
         return cond if cond.is_floating_point() else self.embed_condition(cond)
 
-    # ---- schedules and embeddings ---------------------------------------------------------
-
     def _schedule(self, schedule: Sequence[int] | None) -> tuple[Schedule, list[int]]:
         """Validated schedule and the trained index of each of its scales."""
         sched = self.patch_nums if schedule is None else as_schedule(schedule)
@@ -499,15 +460,12 @@ class VARTransformer(nn.Module):
         """First-scale input: class embedding + pos_start (broadcast over pn² tokens if trained for one)."""
         return (cond_BD.unsqueeze(1) + self.pos_start).expand(-1, pn * pn, -1)
 
-    # ---- attention plans ------------------------------------------------------------------
-
     def _sequence_attention(self, schedule: Schedule, device: torch.device) -> Attend:
         """Attention over a whole teacher-forced sequence under ``config.attn``, built once per schedule and device.
 
-        ``sdpa``: ``causal`` uses the dense block-causal boolean mask (VAR: attend iff scale(q) >= scale(k));
-        ``markov``/``markov_prev`` never build an L×L mask: each scale attends to its own contiguous key range
-        with one SDPA call, so the cost is sum pn⁴ (plus the previous scale's keys). ``flex``: one
-        ``flex_attention`` call with a ``BlockMask`` of the same mask (only the nonzero blocks are computed).
+        ``sdpa``: ``causal`` uses the dense block-causal mask (VAR); the markov masks never build an L×L mask but
+        make one SDPA call per scale over its contiguous key range (cost sum pn⁴). ``flex``: one ``flex_attention``
+        call with a ``BlockMask`` of the same mask.
         """
         backend = self.attention
         if backend not in ATTENTION_BACKENDS:
@@ -520,18 +478,13 @@ class VARTransformer(nn.Module):
             self._plans[key] = build(tuple(schedule), self.config.attn, device)
         return self._plans[key]
 
-    # ---- training: all scales in one pass -------------------------------------------------
-
-    def forward(
-        self, label_B: torch.Tensor, x_BLC: torch.Tensor, schedule: Sequence[int] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    def forward(self, label_B: torch.Tensor, x_BLC: torch.Tensor, schedule: Sequence[int] | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
         """Teacher-forced logits_BLV (float32) of every scale of ``schedule`` (default: the trained one).
 
-        ``x_BLC`` (B, L - schedule[0]², Cvae) holds the inputs of scales 1..: the area-downsampled
-        cumulative f_hat of the coarser scales. Labels are used as given (see :meth:`drop_labels`).
-        ``generator`` (CPU) draws the drop-path masks in training mode (None: the global RNG), all blocks' at once.
-        Under autocast the residual stream runs in the autocast dtype, as VAR's (embeddings and logits stay fp32).
+        ``x_BLC`` (B, L - schedule[0]², Cvae): the inputs of scales 1.. (area-downsampled cumulative f_hat); labels
+        are used as given (see :meth:`drop_labels`). ``generator`` (CPU) draws all blocks' drop-path masks at once
+        (None: the global RNG). Under autocast the residual stream runs in the autocast dtype, as VAR's.
         """
         sched, trained_idx = self._schedule(schedule)
         B, first_l = label_B.shape[0], sched[0] ** 2
@@ -557,26 +510,17 @@ class VARTransformer(nn.Module):
             h_BLC = blk(h_BLC, cond_BD, attend, None if u_D2B is None else u_D2B[i])
         return self.head(h_BLC, cond_BD).float()
 
-    # ---- sampling: one scale at a time ----------------------------------------------------
-
     def new_cache(self, schedule: Sequence[int] | None = None) -> KVCache:
         """An empty cache for step-wise sampling over ``schedule`` (default: the trained one)."""
         sched, _ = self._schedule(schedule)
         return KVCache(sched, self.config.attn)
 
-    def forward_scale(
-        self,
-        si: int,
-        cond: torch.Tensor,
-        x_BlC: torch.Tensor | None,
-        cache: KVCache | None = None,
-        schedule: Sequence[int] | None = None,
-    ) -> torch.Tensor:
+    def forward_scale(self, si: int, cond: torch.Tensor, x_BlC: torch.Tensor | None, cache: KVCache | None = None,
+                      schedule: Sequence[int] | None = None) -> torch.Tensor:
         """Logits_BlV (float32) of scale ``si`` of the schedule (``cache.schedule``, else ``schedule``/trained).
 
-        ``cond``: labels (B,) or a condition cond_BD from :meth:`embed_condition` (e.g. 2B rows for
-        CFG). ``x_BlC``: that scale's input (B, pn², Cvae), None at si = 0 (start token). ``causal`` and
-        ``markov_prev`` need the cache holding the earlier scales; ``markov`` needs none.
+        ``cond``: labels (B,) or cond_BD from :meth:`embed_condition` (e.g. 2B rows for CFG). ``x_BlC``: the scale's
+        input (B, pn², Cvae), None at si = 0. ``causal``/``markov_prev`` need the cache of the earlier scales.
         """
         if cache is None:
             if self.config.attn != "markov":
@@ -606,7 +550,6 @@ class VARTransformer(nn.Module):
                     raise ValueError(f"x_BlC of scale {si} (pn={pn}) must have shape {expected} (cond rows), got {got}")
                 h_BlC = self.word_embed(x_BlC.to(dtype))
             h_BlC = h_BlC + self._level_pos(trained_idx[si])
-
         h_BlC, cond_BD = _to_autocast_dtype(h_BlC, cond_BD)
         if cache is not None:
             cache._begin(si)
@@ -615,25 +558,20 @@ class VARTransformer(nn.Module):
             h_BlC = blk(h_BlC, cond_BD, attend)
         return self.head(h_BlC, cond_BD).float()
 
-    # ---- optimisation ---------------------------------------------------------------------
-
     def training_flops(self, batch: int, schedule: Sequence[int] | None = None) -> int:
         """Approximate FLOPs of one training step (forward + backward = 3 × forward) on ``batch`` images:
         2·(matmul weights)·tokens for the linear layers, 4·width·pairs per block for attention."""
         sched = self.patch_nums if schedule is None else as_schedule(schedule)
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        per_image = 2 * matmul * num_tokens(sched) + 4 * self.config.width * attention_pairs(sched, self.config.attn) * len(self.blocks)
-        return 3 * batch * per_image
+        attention = 4 * self.config.width * attention_pairs(sched, self.config.attn) * len(self.blocks)
+        return 3 * batch * (2 * matmul * num_tokens(sched) + attention)
 
     def no_weight_decay_names(self) -> set[str]:
         """Parameters AdamW should not decay, as VAR's ``filter_params``: biases, 1-D params, the position and level
         embeddings, temperatures. The class embedding is decayed, as in VAR."""
         embeddings = {"level_embed.weight", "pos_start", "pos_embed"}
-        return {
-            name
-            for name, p in self.named_parameters()
-            if p.ndim < 2 or name in embeddings or name.endswith(("bias", "log_temp"))
-        }
+        return {name for name, p in self.named_parameters()
+                if p.ndim < 2 or name in embeddings or name.endswith(("bias", "log_temp"))}
 
 
 def _plain_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -650,12 +588,6 @@ def _to_autocast_dtype(h: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tenso
     return h, cond
 
 
-def _key_ranges(schedule: Schedule, attn: str) -> list[tuple[slice, slice]]:
-    """(query slice, key slice) of each scale of a flattened sequence; keys are one contiguous range per scale."""
-    slices = scale_slices(schedule)
-    return [(s, slice(slices[_key_scales(attn, si)[0]].start, s.stop)) for si, s in enumerate(slices)]
-
-
 def _sdpa_attention_plan(schedule: Schedule, attn: str, device: torch.device) -> Attend:
     sdpa = F.scaled_dot_product_attention
     if attn == "causal":
@@ -666,7 +598,8 @@ def _sdpa_attention_plan(schedule: Schedule, attn: str, device: torch.device) ->
             return sdpa(q, k, v, attn_mask=mask_LL, scale=scale)
 
         return attend_masked
-    ranges = _key_ranges(schedule, attn)
+    slices = scale_slices(schedule)  # (query slice, key slice) per scale: the keys are one contiguous range
+    ranges = [(s, slice(slices[_key_scales(attn, si)[0]].start, s.stop)) for si, s in enumerate(slices)]
 
     def attend_per_scale(q, k, v, scale):
         return torch.cat([sdpa(q[:, :, qs], k[:, :, ks], v[:, :, ks], scale=scale) for qs, ks in ranges], dim=2)
@@ -708,56 +641,33 @@ def _flex_attention_plan(schedule: Schedule, attn: str, device: torch.device, co
     return attend_flex
 
 
-# --------------------------------------------------------------------------------------------
-# Presets
-# --------------------------------------------------------------------------------------------
-
-
-def _var(depth: int, adaln_gate: float) -> Callable[..., GeneratorConfig]:
-    # Width 64·depth and heads = depth come from the config defaults; alng from VAR's README recipe.
-    def make(**overrides) -> GeneratorConfig:
-        return _with_overrides(GeneratorConfig(depth=depth, init=InitConfig(adaln_gate=adaln_gate)), overrides)
-
-    return make
-
+# ---- Presets ----------------------------------------------------------------------------------
 
 # The CPU presets match the "tiny" tokenizer (32 px digits: V 512, C 16, scales up to 8×8).
 _DIGITS = dict(num_classes=10, vocab_size=512, latent_dim=16, patch_nums=(1, 2, 3, 4, 6, 8))
-
-
-def tiny(**overrides) -> GeneratorConfig:
-    """CPU tests and the digits smoke run: 2 blocks, width 128 (~0.7 M parameters)."""
-    return _with_overrides(GeneratorConfig(depth=2, width=128, num_heads=2, **_DIGITS), overrides)
-
-
-def small(**overrides) -> GeneratorConfig:
-    """CPU-sized digits experiments: 4 blocks, width 256 (~5 M parameters)."""
-    return _with_overrides(GeneratorConfig(depth=4, width=256, num_heads=4, **_DIGITS), overrides)
-
-
-PRESETS: dict[str, Callable[..., GeneratorConfig]] = {
-    "tiny": tiny,
-    "small": small,
-    "var-d16": _var(16, 1e-3),  # 310M parameters
-    "var-d20": _var(20, 1e-3),  # 600M
-    "var-d24": _var(24, 1e-4),  # 1.0B
-    "var-d30": _var(30, 1e-5),  # 2.0B
+# VAR's: width 64·depth and heads = depth come from the config defaults; alng from VAR's README recipe.
+_PRESET_CONFIGS: dict[str, dict] = {
+    "tiny": dict(depth=2, width=128, num_heads=2, **_DIGITS),  # CPU tests and the digits smoke run (~0.7 M params)
+    "small": dict(depth=4, width=256, num_heads=4, **_DIGITS),  # CPU-sized digits experiments (~5 M parameters)
+    "var-d16": dict(depth=16, init=dict(adaln_gate=1e-3)),  # 310M parameters
+    "var-d20": dict(depth=20, init=dict(adaln_gate=1e-3)),  # 600M
+    "var-d24": dict(depth=24, init=dict(adaln_gate=1e-4)),  # 1.0B
+    "var-d30": dict(depth=30, init=dict(adaln_gate=1e-5)),  # 2.0B
 }
-
-
-def _with_overrides(base: GeneratorConfig, overrides: dict) -> GeneratorConfig:
-    fields = {f.name for f in dataclasses.fields(GeneratorConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise TypeError(f"unknown GeneratorConfig fields {unknown}; valid: {sorted(fields)}")
-    return dataclasses.replace(base, **overrides)
 
 
 def generator_config(preset: str, **overrides) -> GeneratorConfig:
     """The config of a named preset, with fields overridden."""
     if preset not in PRESETS:
         raise KeyError(f"unknown generator preset {preset!r}; available: {sorted(PRESETS)}")
-    return PRESETS[preset](**overrides)
+    fields = {f.name for f in dataclasses.fields(GeneratorConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"unknown GeneratorConfig fields {unknown}; valid: {sorted(fields)}")
+    return GeneratorConfig(**{**_PRESET_CONFIGS[preset], **overrides})
+
+
+PRESETS: dict[str, Callable[..., GeneratorConfig]] = {name: partial(generator_config, name) for name in _PRESET_CONFIGS}
 
 
 def build_generator(preset: str, **overrides) -> VARTransformer:
