@@ -1,16 +1,14 @@
 """The stage-1 multi-scale tokenizer: encoder -> quant_conv -> residual quantizer -> post_quant_conv -> decoder.
 
-``MultiScaleTokenizer`` is a plain ``nn.Module`` with the operations the generator and the sampler need
-(tokens <-> images, teacher-forcing inputs, the single sampler step). Presets by name at the bottom:
-``var-vae-f16`` is VAR's released VQVAE (loadable with ``models.var_import.load_var_vae``), ``var-vae-f16-512`` /
-``var-vae-f16-1024`` the same network at 512 / 1024 px; ``digits``,
-``tiny`` and ``tiny-16`` are CPU-sized for the built-in digits.
+Presets at the bottom: ``var-vae-f16`` is VAR's released VQVAE (``models.var_import.load_var_vae``), ``-512`` /
+``-1024`` the same network at 512 / 1024 px; ``digits``, ``tiny`` and ``tiny-16`` are CPU-sized.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 from torch import nn
@@ -19,10 +17,7 @@ from srdd_lightning.models.quantizer import LOOKUPS, PHI_MODES, MultiScaleResidu
 from srdd_lightning.models.scales import VAR_PATCH_NUMS_256, VAR_PATCH_NUMS_512, VAR_PATCH_NUMS_1024, as_schedule
 from srdd_lightning.models.vae import Decoder, Encoder
 
-
-# ---------------------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------------------
+# ---- Config ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -109,25 +104,23 @@ class TokenizerConfig:
         return self.image_size // self.downsample
 
 
-# ---------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------
+# ---- Model -----------------------------------------------------------------------------------
 
 CHANNELS_LAST_DECODE_ATOL = 2e-4
 """Largest absolute pixel difference of ``decode(..., channels_last=True)`` from the default decode."""
 
 
 class MultiScaleTokenizer(nn.Module):
-    """Encoder + quant_conv + ``MultiScaleResidualQuantizer`` + post_quant_conv + decoder.
+    """Encoder + quant_conv + ``MultiScaleResidualQuantizer`` + post_quant_conv + decoder, on images in [-1, 1].
 
-    Images are float in [-1, 1], (B, image_channels, image_size, image_size). Methods taking ``patch_nums``
-    accept any subset of the trained schedule ending at its last scale.
+    Methods taking ``patch_nums`` accept any subset of the trained schedule ending at its last scale.
     """
 
     def __init__(self, config: TokenizerConfig | None = None):
         super().__init__()
         cfg = self.config = config or TokenizerConfig()
-        arch = dict(channels=cfg.channels, channel_mults=cfg.channel_mults, num_res_blocks=cfg.num_res_blocks, z_channels=cfg.latent_dim, dropout=cfg.dropout, max_groups=cfg.norm_groups)
+        arch = dict(channels=cfg.channels, channel_mults=cfg.channel_mults, num_res_blocks=cfg.num_res_blocks,
+                    z_channels=cfg.latent_dim, dropout=cfg.dropout, max_groups=cfg.norm_groups)
         self.encoder = Encoder(in_channels=cfg.image_channels, **arch)
         k = cfg.quant_conv_kernel
         self.quant_conv = nn.Conv2d(cfg.latent_dim, cfg.latent_dim, k, padding=k // 2)
@@ -138,31 +131,12 @@ class MultiScaleTokenizer(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.latent_dim, cfg.latent_dim, k, padding=k // 2)
         self.decoder = Decoder(out_channels=cfg.image_channels, **arch)
 
-    # ----- sizes -----------------------------------------------------------------------------------
-
-    @property
-    def patch_nums(self) -> tuple[int, ...]:
-        return self.config.patch_nums
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def latent_dim(self) -> int:
-        return self.config.latent_dim
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def latent_size(self) -> int:
-        return self.config.latent_size
-
-    @property
-    def downsample(self) -> int:
-        return self.config.downsample
+    patch_nums = property(lambda self: self.config.patch_nums)
+    vocab_size = property(lambda self: self.config.vocab_size)
+    latent_dim = property(lambda self: self.config.latent_dim)
+    image_size = property(lambda self: self.config.image_size)
+    latent_size = property(lambda self: self.config.latent_size)
+    downsample = property(lambda self: self.config.downsample)
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -182,8 +156,6 @@ class MultiScaleTokenizer(nn.Module):
         if f_BChw.dim() != 4 or tuple(f_BChw.shape[1:]) != (C, h, h):
             raise ValueError(f"expected a latent (B, {C}, {h}, {h}), got {tuple(f_BChw.shape)}")
 
-    # ----- pixels <-> latents ---------------------------------------------------------------------
-
     def encode(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         """Image in [-1, 1] -> continuous latent f (B, C, h, w), before quantization."""
         self._check_img(img_B3HW)
@@ -192,11 +164,9 @@ class MultiScaleTokenizer(nn.Module):
     def decode(self, f_hat_BChw: torch.Tensor, clamp: bool = True, channels_last: bool = False) -> torch.Tensor:
         """Latent f_hat -> image (contiguous); clamped to [-1, 1] unless ``clamp=False`` (training).
 
-        ``channels_last=True`` runs the decoder's convolutions in the NHWC layout (the one cuDNN and oneDNN
-        prefer; still float32): its pixels differ from the default decode only by the convolutions' summation
-        order, at most ``CHANNELS_LAST_DECODE_ATOL`` = 2e-4 in absolute value (measured 6e-5 on the
-        ``var-vae-f16`` network at 256 px, 2e-6 on ``digits``, random weights; benchmarks/bench_sampling.py).
-        bf16 is not offered: it moved pixels by 6-9e-2 there, 8-11 levels of an 8-bit image (2/255 each).
+        ``channels_last=True`` runs the decoder in NHWC (cuDNN's and oneDNN's layout, still float32): only the
+        summation order changes, by at most ``CHANNELS_LAST_DECODE_ATOL`` (measured 6e-5 on ``var-vae-f16`` at 256 px,
+        2e-6 on ``digits``; benchmarks/bench_sampling.py). Not bf16: it moved pixels by 6-9e-2 there (8-11 levels).
         """
         self._check_latent(f_hat_BChw)
         if channels_last:  # the layout propagates from the input through conv / GroupNorm / upsampling
@@ -210,8 +180,6 @@ class MultiScaleTokenizer(nn.Module):
         """Training pass: (unclamped reconstruction, VQ loss, tokens per scale; −1 where scale dropout cut)."""
         q: QuantizerOutput = self.quantizer(self.encode(img_B3HW))
         return self.decode(q.f_hat, clamp=False), q.vq_loss, q.tokens
-
-    # ----- tokens ----------------------------------------------------------------------------------
 
     @torch.no_grad()
     def img_to_tokens(self, img_B3HW: torch.Tensor, patch_nums: Sequence[int] | None = None) -> list[torch.Tensor]:
@@ -248,9 +216,7 @@ class MultiScaleTokenizer(nn.Module):
         return self.quantizer.next_state(si, f_hat_BChw, tokens_Bhw, patch_nums)
 
 
-# ---------------------------------------------------------------------------------------------
-# Presets
-# ---------------------------------------------------------------------------------------------
+# ---- Presets ---------------------------------------------------------------------------------
 
 _PRESET_CONFIGS: dict[str, dict] = {
     # VAR's released vae_ch160v4096z32.pth: 108.9 M parameters, 256 px -> 16×16×32, 680 tokens.
@@ -289,31 +255,10 @@ def tokenizer_config(preset: str, **overrides) -> TokenizerConfig:
     return TokenizerConfig(**{**_PRESET_CONFIGS[preset], **overrides})
 
 
-def _constructor(preset: str) -> Callable[..., MultiScaleTokenizer]:
-    def build(**overrides) -> MultiScaleTokenizer:
-        return MultiScaleTokenizer(tokenizer_config(preset, **overrides))
-
-    build.__name__ = preset.replace("-", "_")
-    build.__doc__ = f"Build the {preset!r} tokenizer preset; keyword arguments override TokenizerConfig fields."
-    return build
-
-
-TOKENIZER_PRESETS: dict[str, Callable[..., MultiScaleTokenizer]] = {name: _constructor(name) for name in _PRESET_CONFIGS}
-
-
 def build_tokenizer(preset: str, **overrides) -> MultiScaleTokenizer:
-    """Build a tokenizer by preset name (``var-vae-f16``, ``-512``, ``-1024``, ``digits``, ``tiny``, ``tiny-16``) with field overrides."""
-    if preset not in TOKENIZER_PRESETS:
-        raise KeyError(f"unknown tokenizer preset {preset!r}; available: {sorted(TOKENIZER_PRESETS)}")
-    return TOKENIZER_PRESETS[preset](**overrides)
+    """Build a tokenizer by preset name (``var-vae-f16``, ``digits``, ``tiny``, ...) with field overrides."""
+    return MultiScaleTokenizer(tokenizer_config(preset, **overrides))
 
 
-__all__ = [
-    "VAR_PATCH_NUMS_256",
-    "TokenizerConfig",
-    "MultiScaleTokenizer",
-    "CHANNELS_LAST_DECODE_ATOL",
-    "TOKENIZER_PRESETS",
-    "tokenizer_config",
-    "build_tokenizer",
-]
+TOKENIZER_PRESETS: dict[str, Callable[..., MultiScaleTokenizer]] = {n: partial(build_tokenizer, n)
+                                                                    for n in _PRESET_CONFIGS}
