@@ -1,32 +1,25 @@
-"""Convolutional encoder and decoder of the stage-1 tokenizer (VAR's VQVAE layout).
+"""Convolutional encoder and decoder of the stage-1 tokenizer, level by level VAR's ``vae_ch160v4096z32.pth``.
 
-The structure follows VAR's released ``vae_ch160v4096z32.pth`` level by level, so that
-``models/var_import.py`` can load its weights: GroupNorm + SiLU ResNet blocks, single-head spatial
-self-attention only at the lowest resolution, a Res–Attn–Res middle block, stride-2 convs to
-downsample and nearest×2 + conv to upsample. The decoder has ``num_res_blocks + 1`` blocks per
-level and no output non-linearity (callers clamp to [-1, 1]).
+GroupNorm + SiLU ResNet blocks, single-head attention only at the lowest resolution, a Res–Attn–Res middle block,
+stride-2 convs down, nearest×2 + conv up; the decoder has ``num_res_blocks + 1`` blocks per level and no output
+non-linearity (callers clamp to [-1, 1]).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# ---------------------------------------------------------------------------------------------
-# Blocks
-# ---------------------------------------------------------------------------------------------
+# ---- Blocks ----------------------------------------------------------------------------------
 
 
 def num_groups_for(channels: int, max_groups: int = 32) -> int:
-    """Groups for GroupNorm: ``max_groups`` when it divides ``channels``, else the largest divisor below it.
-
-    VAR uses 32 groups everywhere (all its widths are multiples of 32). Small CPU presets may use
-    widths such as 16 or 48; rather than failing there, fall back to the largest group count
-    ``<= max_groups`` that divides the width. Widths divisible by ``max_groups`` are unaffected.
-    """
+    """Groups for GroupNorm: ``max_groups`` when it divides ``channels``, else the largest divisor below it
+    (VAR's widths are all multiples of 32; small CPU presets use widths such as 16 or 48)."""
     return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
 
 
@@ -90,17 +83,10 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x_BChw, scale_factor=2.0, mode="nearest"))
 
 
-class MidBlock(nn.Module):
+def mid_block(ch: int, dropout: float, max_groups: int) -> nn.Sequential:
     """Res – Attn – Res at the lowest resolution."""
-
-    def __init__(self, ch: int, dropout: float, max_groups: int):
-        super().__init__()
-        self.res1 = ResnetBlock(ch, ch, dropout, max_groups)
-        self.attn = AttnBlock(ch, max_groups)
-        self.res2 = ResnetBlock(ch, ch, dropout, max_groups)
-
-    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        return self.res2(self.attn(self.res1(x_BChw)))
+    return nn.Sequential(OrderedDict(res1=ResnetBlock(ch, ch, dropout, max_groups), attn=AttnBlock(ch, max_groups),
+                                     res2=ResnetBlock(ch, ch, dropout, max_groups)))
 
 
 class Level(nn.Module):
@@ -120,25 +106,14 @@ class Level(nn.Module):
         return x_BChw if self.resample is None else self.resample(x_BChw)
 
 
-# ---------------------------------------------------------------------------------------------
-# Encoder / Decoder
-# ---------------------------------------------------------------------------------------------
+# ---- Encoder / Decoder -------------------------------------------------------------------------
 
 
 class Encoder(nn.Module):
     """Image (B, in_ch, H, W) -> latent (B, z_ch, H/2^(n-1), W/2^(n-1)) with n = len(channel_mults)."""
 
-    def __init__(
-        self,
-        *,
-        channels: int,
-        channel_mults: Sequence[int],
-        num_res_blocks: int,
-        z_channels: int,
-        in_channels: int = 3,
-        dropout: float = 0.0,
-        max_groups: int = 32,
-    ):
+    def __init__(self, *, channels: int, channel_mults: Sequence[int], num_res_blocks: int, z_channels: int,
+                 in_channels: int = 3, dropout: float = 0.0, max_groups: int = 32):
         super().__init__()
         n = len(channel_mults)
         widths = [channels * m for m in channel_mults]
@@ -149,7 +124,7 @@ class Encoder(nn.Module):
             last = i == n - 1
             self.levels.append(Level(ch, out_ch, num_res_blocks, last, None if last else Downsample(out_ch), dropout, max_groups))
             ch = out_ch
-        self.mid = MidBlock(ch, dropout, max_groups)
+        self.mid = mid_block(ch, dropout, max_groups)
         self.norm_out = group_norm(ch, max_groups)
         self.conv_out = nn.Conv2d(ch, z_channels, 3, padding=1)
 
@@ -163,22 +138,13 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent (B, z_ch, h, w) -> image (B, out_ch, h·2^(n-1), w·2^(n-1)); ``levels`` run lowest resolution first."""
 
-    def __init__(
-        self,
-        *,
-        channels: int,
-        channel_mults: Sequence[int],
-        num_res_blocks: int,
-        z_channels: int,
-        out_channels: int = 3,
-        dropout: float = 0.0,
-        max_groups: int = 32,
-    ):
+    def __init__(self, *, channels: int, channel_mults: Sequence[int], num_res_blocks: int, z_channels: int,
+                 out_channels: int = 3, dropout: float = 0.0, max_groups: int = 32):
         super().__init__()
         widths = [channels * m for m in reversed(channel_mults)]  # processing order: coarse -> fine
         ch = widths[0]
         self.conv_in = nn.Conv2d(z_channels, ch, 3, padding=1)
-        self.mid = MidBlock(ch, dropout, max_groups)
+        self.mid = mid_block(ch, dropout, max_groups)
         self.levels = nn.ModuleList()
         for i, out_ch in enumerate(widths):
             last = i == len(widths) - 1
