@@ -81,28 +81,14 @@ class Quantized:
 class MultiScaleResidualQuantizer(nn.Module):
     """One shared codebook ``nn.Embedding(V, C)`` quantizing a latent residually over ``patch_nums``.
 
-    ``patch_nums`` is the trained schedule; methods taking ``patch_nums=`` accept any subset of it that
-    ends at the last scale (phi is still chosen by each scale's index in the trained schedule).
-
-    The residual loop is written once (``_residual_steps``) and used by :meth:`quantize` (M(k)·f: tokenizer
-    encoding, the sampler's re-degradation, code restarts) and :meth:`forward` (training); adding scales to a
-    state is :meth:`next_state` (the sampler's step), looped by :meth:`tokens_to_fhat` and
-    :meth:`teacher_forcing_inputs`.
+    Methods taking ``patch_nums=`` accept any subset of the trained schedule ending at its last scale (phi is still
+    chosen by each scale's trained index). The residual loop is written once (``_residual_steps``), used by
+    :meth:`quantize` and :meth:`forward`; adding scales to a state (:meth:`next_state`) once, in ``contribution``.
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        dim: int,
-        patch_nums: Sequence[int],
-        *,
-        phi_mode: str = "partial",
-        num_phi: int = 4,
-        phi_rho: float = 0.5,
-        lookup: str = "l2",
-        beta: float = 0.25,
-        scale_dropout: float = 0.0,
-    ):
+    def __init__(self, vocab_size: int, dim: int, patch_nums: Sequence[int], *, phi_mode: str = "partial",
+                 num_phi: int = 4, phi_rho: float = 0.5, lookup: str = "l2", beta: float = 0.25,
+                 scale_dropout: float = 0.0):
         super().__init__()
         if phi_mode not in PHI_MODES:
             raise ValueError(f"phi_mode must be one of {PHI_MODES}, got {phi_mode!r}")
@@ -124,9 +110,8 @@ class MultiScaleResidualQuantizer(nn.Module):
         self.phis = nn.ModuleList(Phi(self.dim, phi_rho) for _ in range(n_phi))
 
     def extra_repr(self) -> str:
-        return f"V={self.vocab_size}, C={self.dim}, patch_nums={list(self.patch_nums)}, phi={self.phi_mode}, lookup={self.lookup}, beta={self.beta}"
-
-    # ----- schedule & phi bookkeeping ----------------------------------------------------------
+        return (f"V={self.vocab_size}, C={self.dim}, patch_nums={list(self.patch_nums)}, phi={self.phi_mode}, "
+                f"lookup={self.lookup}, beta={self.beta}")
 
     def resolve(self, patch_nums: Sequence[int] | None = None) -> tuple[Schedule, list[int]]:
         """(schedule, index of each of its scales in the trained schedule); validates subsets."""
@@ -146,8 +131,6 @@ class MultiScaleResidualQuantizer(nn.Module):
         # partial: nearest of num_phi evenly spaced ticks to si/(K-1) of the FULL trained schedule, so a
         # subset schedule reuses exactly the phi each scale was trained with.
         return self.phis[phi_index(trained_si, len(self.patch_nums), len(self.phis))]
-
-    # ----- primitives --------------------------------------------------------------------------
 
     def embed(self, tokens_Bhw: torch.Tensor) -> torch.Tensor:
         """Token map (B, pn, pn) -> code vectors (B, C, pn, pn), contiguous."""
@@ -224,14 +207,10 @@ class MultiScaleResidualQuantizer(nn.Module):
             yield z_BChw, r_Bhw, f_hat
 
     @torch.no_grad()
-    def quantize(
-        self, f_BChw: torch.Tensor, patch_nums: Sequence[int] | None = None, num_scales: int | None = None,
-        force: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-    ) -> Quantized:
+    def quantize(self, f_BChw: torch.Tensor, patch_nums: Sequence[int] | None = None, num_scales: int | None = None,
+                 force: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> Quantized:
         """Quantize f onto the first ``num_scales`` scales of ``patch_nums`` (default all): M(k)·f, no gradients.
-
-        ``force(k, r_Bhw) -> r_Bhw`` may replace the tokens chosen at scale k (editing keeps known tokens).
-        """
+        ``force(k, r_Bhw) -> r_Bhw`` may replace the tokens chosen at scale k (editing keeps known tokens)."""
         pns, sis = self.resolve(patch_nums)
         self._check_latent(f_BChw, pns)
         k = len(pns) if num_scales is None else int(num_scales)
@@ -275,9 +254,7 @@ class MultiScaleResidualQuantizer(nn.Module):
 
     def draw_scale_keep(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, K) bool mask of the scales each sample keeps; all True unless training with scale_dropout > 0.
-
-        Draws from ``generator`` (on its own device, then moved to ``device``) when given, else from the global RNG.
-        """
+        Draws from ``generator`` (on its own device, then moved to ``device``) when given, else from the global RNG."""
         K = len(self.patch_nums)
         keep_BK = torch.ones(batch, K, dtype=torch.bool, device=device)
         if not self.training or self.scale_dropout <= 0 or K < 2:
@@ -299,10 +276,8 @@ class MultiScaleResidualQuantizer(nn.Module):
         return F.interpolate(f_hat_BChw, size=(nxt, nxt), mode="area")
 
     def next_state(self, si: int, f_hat_BChw: torch.Tensor, tokens_Bhw: torch.Tensor, patch_nums: Sequence[int] | None = None):
-        """Add scale ``si``'s tokens to a state: (f_hat + h_si, :meth:`next_input` of the new f_hat).
-
-        ``si`` indexes ``patch_nums`` (a subset schedule if given). The input ``f_hat_BChw`` is not modified.
-        """
+        """Add scale ``si`` of ``patch_nums``' tokens to a state: (f_hat + h_si, :meth:`next_input` of the new f_hat);
+        ``f_hat_BChw`` is not modified."""
         pns, sis = self.resolve(patch_nums)
         if not 0 <= si < len(pns):
             raise IndexError(f"scale index {si} out of range for patch_nums {list(pns)}")
@@ -358,10 +333,8 @@ class MultiScaleResidualQuantizer(nn.Module):
     def restart_dead_codes(self, dead_V: torch.Tensor, candidates: torch.Tensor, generator: torch.Generator | None = None, noise: float = 0.01) -> int:
         """Re-initialise codes flagged in ``dead_V`` (bool (V,)) from random rows of ``candidates``; returns how many.
 
-        ``candidates`` are recent encoder outputs, (N, C) or (B, C, h, w) (e.g. ``quant_conv`` outputs or
-        residuals). A little Gaussian noise (``noise`` × their std) keeps duplicates apart. Usage is tracked
-        by the caller; under DDP call it with the same inputs and generator seed on every rank (or
-        broadcast the codebook afterwards) so the replicas stay equal.
+        ``candidates``: recent encoder outputs or residuals, (N, C) or (B, C, h, w); noise (``noise`` × their std)
+        keeps duplicates apart. Under DDP call it with the same inputs and generator seed on every rank.
         """
         dead_V = dead_V.to(device=self.codebook.weight.device, dtype=torch.bool)
         if dead_V.shape != (self.vocab_size,):
@@ -382,9 +355,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         return n_dead
 
 
-# -------------------------------------------------------------------------------------------------
-# Codebook usage
-# -------------------------------------------------------------------------------------------------
+# ---- Codebook usage -----------------------------------------------------------------------------
 
 
 def code_hits(tokens: Sequence[torch.Tensor], vocab_size: int) -> torch.Tensor:
@@ -399,9 +370,8 @@ def code_hits(tokens: Sequence[torch.Tensor], vocab_size: int) -> torch.Tensor:
 def codebook_usage(tokens: Sequence[torch.Tensor], vocab_size: int) -> list[dict[str, float]]:
     """Per scale: codes used, share of V used, share of the reachable maximum, and perplexity.
 
-    Scale k of a batch can hit at most ``min(V, n_k)`` distinct codes, n_k = its number of valid tokens
-    (pn_k²·B without dropout), so ``usage_of_possible = used / min(V, n_k)`` is the fair number for the
-    coarse scales. Perplexity = exp(entropy of the hit distribution), in [1, used].
+    Scale k can hit at most ``min(V, n_k)`` codes (n_k valid tokens, pn_k²·B without dropout), so
+    ``usage_of_possible = used / min(V, n_k)`` is the fair number for coarse scales. Perplexity = exp(entropy).
     """
     return usage_from_hits(code_hits(tokens, vocab_size))
 
@@ -416,13 +386,6 @@ def usage_from_hits(hits_KV: torch.Tensor) -> list[dict[str, float]]:
         p_V = hits_V[hits_V > 0] / max(n, 1.0)
         perplexity = float(torch.exp(-(p_V * p_V.log()).sum())) if n > 0 else 0.0
         possible = min(vocab_size, int(n))
-        out.append(
-            {
-                "used": float(used),
-                "usage": used / vocab_size,
-                "max_possible": float(possible),
-                "usage_of_possible": used / possible if possible else 0.0,
-                "perplexity": perplexity,
-            }
-        )
+        out.append({"used": float(used), "usage": used / vocab_size, "max_possible": float(possible),
+                    "usage_of_possible": used / possible if possible else 0.0, "perplexity": perplexity})
     return out
