@@ -22,20 +22,16 @@ from srdd_lightning.models.tokenizer import MultiScaleTokenizer, build_tokenizer
 # VAR's usage statistics (EMA of per-scale code hits); not a weight, its first dim depends on the schedule.
 VAR_VAE_IGNORED_KEYS = frozenset({"quantize.ema_vocab_hit_SV"})
 
-_RES_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "shortcut"}
-_ATTN_PARTS = {"norm": "norm", "qkv": "qkv", "proj_out": "proj"}
-_MID_PARTS = {"block_1": "res1", "attn_1": "attn", "block_2": "res2"}
-
-
-def _map_block(rest: str) -> str | None:
-    """``block.j.<part>.<p>`` / ``attn.j.<part>.<p>`` (VAR) -> ``blocks.j.…`` / ``attns.j.…`` (ours)."""
-    m = re.fullmatch(r"block\.(\d+)\.(\w+)\.(weight|bias)", rest)
-    if m and m[2] in _RES_PARTS:
-        return f"blocks.{m[1]}.{_RES_PARTS[m[2]]}.{m[3]}"
-    m = re.fullmatch(r"attn\.(\d+)\.(\w+)\.(weight|bias)", rest)
-    if m and m[2] in _ATTN_PARTS:
-        return f"attns.{m[1]}.{_ATTN_PARTS[m[2]]}.{m[3]}"
-    return None
+# The VAR VQVAE weights with the same path in our modules up to the renamed components of _RENAMES.
+_RES, _ATTN = r"(?:norm1|conv1|norm2|conv2|nin_shortcut)", r"(?:norm|qkv|proj_out)"
+_VAE_KEY = re.compile(
+    r"(?:(?:post_)?quant_conv|(?:encoder|decoder)\.(?:conv_in|norm_out|conv_out)"
+    rf"|(?:encoder|decoder)\.mid\.(?:block_[12]\.{_RES}|attn_1\.{_ATTN})"
+    rf"|(?:encoder\.down|decoder\.up)\.\d+\.(?:block\.\d+\.{_RES}|attn\.\d+\.{_ATTN})"
+    r"|encoder\.down\.\d+\.downsample\.conv|decoder\.up\.\d+\.upsample\.conv)\.(?:weight|bias)"
+)
+_RENAMES = {"nin_shortcut": "shortcut", "proj_out": "proj", "block_1": "res1", "attn_1": "attn", "block_2": "res2",
+            "block": "blocks", "attn": "attns", "downsample": "resample", "upsample": "resample"}
 
 
 def var_vae_key_to_ours(key: str, num_levels: int = 5) -> str | None:
@@ -44,44 +40,22 @@ def var_vae_key_to_ours(key: str, num_levels: int = 5) -> str | None:
     VAR's decoder stores its levels as ``up.i`` indexed by resolution (``up.0`` = full resolution) and runs
     them in reverse; ours stores them in processing order, so ``up.i`` -> ``levels.{num_levels-1-i}``.
     """
-    for top in ("quant_conv", "post_quant_conv"):
-        if re.fullmatch(rf"{top}\.(weight|bias)", key):
-            return key
     if key == "quantize.embedding.weight":
         return "quantizer.codebook.weight"
     # partially shared (qresi_ls.k), shared (qresi), non-shared (k). VAR's Phi subclasses Conv2d, so its keys
     # have no ".conv." level; re-saved copies that wrapped the conv are accepted too.
     m = re.fullmatch(r"quantize\.quant_resi\.(?:qresi_ls\.(\d+)|qresi|(\d+))\.(?:conv\.)?(weight|bias)", key)
     if m:
-        k = m[1] if m[1] is not None else (m[2] if m[2] is not None else "0")
-        return f"quantizer.phis.{k}.conv.{m[3]}"
-    m = re.fullmatch(r"(encoder|decoder)\.(.+)", key)
-    if not m:
+        return f"quantizer.phis.{m[1] or m[2] or '0'}.conv.{m[3]}"
+    if not _VAE_KEY.fullmatch(key):
         return None
-    side, rest = m[1], m[2]
-    if re.fullmatch(r"(conv_in|norm_out|conv_out)\.(weight|bias)", rest):
-        return key
-    m = re.fullmatch(r"mid\.(block_1|attn_1|block_2)\.(.+)", rest)
-    if m:
-        sub = m[2]
-        if m[1] == "attn_1":
-            mm = re.fullmatch(r"(\w+)\.(weight|bias)", sub)
-            return f"{side}.mid.attn.{_ATTN_PARTS[mm[1]]}.{mm[2]}" if mm and mm[1] in _ATTN_PARTS else None
-        mm = re.fullmatch(r"(\w+)\.(weight|bias)", sub)
-        return f"{side}.mid.{_MID_PARTS[m[1]]}.{_RES_PARTS[mm[1]]}.{mm[2]}" if mm and mm[1] in _RES_PARTS else None
-    m = re.fullmatch(r"(down|up)\.(\d+)\.(.+)", rest)
-    if not m or (m[1] == "down") != (side == "encoder"):
-        return None
-    level = int(m[2]) if side == "encoder" else num_levels - 1 - int(m[2])
-    if not 0 <= level < num_levels:
-        return None
-    mm = re.fullmatch(r"(?:downsample|upsample)\.conv\.(weight|bias)", m[3])
-    if mm:
-        if (side == "encoder") != m[3].startswith("downsample"):
+    parts = [_RENAMES.get(p, p) for p in key.split(".")]
+    if parts[1] in ("down", "up"):
+        level = int(parts[2]) if parts[0] == "encoder" else num_levels - 1 - int(parts[2])
+        if not 0 <= level < num_levels:
             return None
-        return f"{side}.levels.{level}.resample.conv.{mm[1]}"
-    inner = _map_block(m[3])
-    return f"{side}.levels.{level}.{inner}" if inner else None
+        parts[1:3] = ["levels", str(level)]
+    return ".".join(parts)
 
 
 def convert_var_vae_state_dict(var_sd: Mapping[str, torch.Tensor], model: MultiScaleTokenizer) -> dict[str, torch.Tensor]:
