@@ -1,13 +1,8 @@
 """Load VAR's released transformer weights (``var_d16.pth`` ... ``var_d30.pth``) into :class:`VARTransformer`.
 
-VAR's names map one to one onto ours; the per-head temperature ``scale_mul_1H11`` (1, H, 1, 1)
-becomes ``log_temp`` (H,). VAR's buffers (the level ids, its dense training mask, the zero k bias)
-are recomputed by our model and only checked. VAR's weights compute VAR's function with
-``attn="causal"``, the default here when a preset name is given.
-
-The same weights start an SRDD fine-tune (``SRDDModule``'s ``init_from``): the blocks do not depend on the mask, and a
-model trained on a subset of VAR's ten scales takes the level and position embeddings of the scales of the same size
-(:func:`take_scales`, also how a fewer-scale student starts from its teacher).
+Names map one to one; the temperature ``scale_mul_1H11`` (1, H, 1, 1) becomes ``log_temp`` (H,); VAR's buffers are
+recomputed by our model. They compute VAR's function with ``attn="causal"`` (the default for a preset name) and
+start an SRDD fine-tune (the blocks do not depend on the mask; :func:`take_scales` maps the per-scale embeddings).
 """
 
 from __future__ import annotations
@@ -21,32 +16,18 @@ import torch
 from srdd_lightning.models.scales import as_schedule, num_tokens, scale_slices, subset_indices
 from srdd_lightning.models.transformer import GeneratorConfig, VARTransformer, generator_config
 
-# VAR name pattern -> our name; blocks keep their index.
+# VAR name -> our name; blocks keep their index.
 _BLOCK_RENAMES = {
-    "attn.mat_qkv.weight": "attn.qkv.weight",
-    "attn.q_bias": "attn.q_bias",
-    "attn.v_bias": "attn.v_bias",
-    "attn.scale_mul_1H11": "attn.log_temp",
-    "attn.proj.weight": "attn.proj.weight",
-    "attn.proj.bias": "attn.proj.bias",
-    "ffn.fc1.weight": "mlp.fc1.weight",
-    "ffn.fc1.bias": "mlp.fc1.bias",
-    "ffn.fc2.weight": "mlp.fc2.weight",
-    "ffn.fc2.bias": "mlp.fc2.bias",
-    "ada_lin.1.weight": "ada.weight",
-    "ada_lin.1.bias": "ada.bias",
+    "attn.mat_qkv.weight": "attn.qkv.weight", "attn.scale_mul_1H11": "attn.log_temp",
+    "ada_lin.1.weight": "ada.weight", "ada_lin.1.bias": "ada.bias",
+    **{f"attn.{n}": f"attn.{n}" for n in ("q_bias", "v_bias", "proj.weight", "proj.bias")},
+    **{f"ffn.{n}": f"mlp.{n}" for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")},
 }
 _TOP_RENAMES = {
-    "word_embed.weight": "word_embed.weight",
-    "word_embed.bias": "word_embed.bias",
-    "class_emb.weight": "class_embed.weight",
-    "pos_start": "pos_start",
-    "pos_1LC": "pos_embed",
-    "lvl_embed.weight": "level_embed.weight",
-    "head_nm.ada_lin.1.weight": "head.ada.weight",
-    "head_nm.ada_lin.1.bias": "head.ada.bias",
-    "head.weight": "head.out.weight",
-    "head.bias": "head.out.bias",
+    "class_emb.weight": "class_embed.weight", "pos_1LC": "pos_embed", "lvl_embed.weight": "level_embed.weight",
+    "head_nm.ada_lin.1.weight": "head.ada.weight", "head_nm.ada_lin.1.bias": "head.ada.bias",
+    "head.weight": "head.out.weight", "head.bias": "head.out.bias",
+    **{n: n for n in ("word_embed.weight", "word_embed.bias", "pos_start")},
 }
 # Buffers VAR stores that our model derives itself (level ids, dense block-causal mask, zero k bias).
 _IGNORED_TOP = {"lvl_1L", "attn_bias_for_masking"}
@@ -78,10 +59,8 @@ def convert_var_state_dict(
 ) -> dict[str, torch.Tensor]:
     """VAR's transformer state dict -> ours for ``model``; raises on missing, unexpected or misshaped keys.
 
-    ``trained_patch_nums``: the schedule the checkpoint was trained on (VAR's ten scales) when ``model`` runs a subset
-    of it: the level/position embeddings of ``model``'s scales are taken from it (:func:`take_scales`). ``ignore``:
-    our parameter names (or module prefixes, e.g. ``class_embed``) left out of the result, for the caller to keep
-    freshly initialised (e.g. another class count).
+    ``trained_patch_nums``: the checkpoint's schedule when ``model`` runs a subset of it (:func:`take_scales`).
+    ``ignore``: our parameter names or module prefixes (e.g. ``class_embed``) left out, to stay freshly initialised.
     """
     ours = model.state_dict()
     unknown = [p for p in ignore if not any(_matches(n, p) for n in ours)]
@@ -131,9 +110,8 @@ def take_scales(state: Mapping[str, torch.Tensor], patch_nums: Sequence[int], tr
                 ) -> dict[str, torch.Tensor]:
     """A :class:`VARTransformer` state dict for the schedule ``patch_nums`` from one trained on ``trained_patch_nums``.
 
-    ``patch_nums`` must be a subset of the trained scales ending at the last one (``scales.subset_indices``) and start
-    at the trained first scale (the start token ``pos_start``). Scale j of ``patch_nums``, of size pn, gets the level
-    embedding row and the position-embedding slice of the trained scale of size pn; every other tensor is shared.
+    ``patch_nums``: a subset of the trained scales with the same first and last scale. Scale j (size pn) gets the
+    level embedding and position slice of the trained scale of size pn; every other tensor is shared.
     """
     pns, trained = as_schedule(patch_nums), as_schedule(trained_patch_nums)
     idx = subset_indices(pns, trained)
@@ -174,14 +152,11 @@ def _head(keys: list[str], n: int = 8) -> str:
 
 def _shape_hint(name: str, model: VARTransformer) -> str:
     cfg = model.config
+    vocab, pns = f"set vocab_size (now {cfg.vocab_size})", f"set patch_nums (now {list(cfg.patch_nums)})"
     hints = {
         "class_embed.weight": f"set num_classes (now {cfg.num_classes}; the table has num_classes + 1 rows)",
-        "head.out.weight": f"set vocab_size (now {cfg.vocab_size})",
-        "head.out.bias": f"set vocab_size (now {cfg.vocab_size})",
-        "word_embed.weight": f"set latent_dim (now {cfg.latent_dim})",
-        "pos_embed": f"set patch_nums (now {list(cfg.patch_nums)})",
-        "pos_start": f"set patch_nums (now {list(cfg.patch_nums)})",
-        "level_embed.weight": f"set patch_nums (now {list(cfg.patch_nums)})",
+        "head.out.weight": vocab, "head.out.bias": vocab, "word_embed.weight": f"set latent_dim (now {cfg.latent_dim})",
+        "pos_embed": pns, "pos_start": pns, "level_embed.weight": pns,
     }
     return hints.get(name, f"check depth/width/num_heads (now {cfg.depth}/{cfg.width}/{cfg.num_heads})")
 
@@ -198,16 +173,10 @@ def _read(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     return sd
 
 
-def load_var_transformer(
-    src: str | os.PathLike | Mapping[str, torch.Tensor],
-    config: str | GeneratorConfig = "var-d16",
-    **overrides,
-) -> VARTransformer:
+def load_var_transformer(src: str | os.PathLike | Mapping[str, torch.Tensor], config: str | GeneratorConfig = "var-d16",
+                         **overrides) -> VARTransformer:
     """Build our model from VAR's weights (a path or a state dict), in eval mode like ``load_var_vae``.
-
-    ``config`` is a preset name (then ``attn`` defaults to "causal", VAR's function; pass
-    ``attn="markov"`` to start an SRDD fine-tune from VAR) or a full :class:`GeneratorConfig`.
-    """
+    ``config``: a preset name (``attn`` then defaults to "causal", VAR's function) or a :class:`GeneratorConfig`."""
     if isinstance(src, Mapping):  # the caller keeps its dict: do not alias its tensors into the model
         var_sd = {k: v.clone() for k, v in src.items()}
     else:
