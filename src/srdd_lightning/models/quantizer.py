@@ -47,30 +47,21 @@ class Phi(nn.Module):
 class QuantizerOutput:
     """Result of the training forward."""
 
-    f_hat: torch.Tensor
-    """(B, C, h, w) straight-through quantized latent: value of f_hat, gradient of f."""
-    vq_loss: torch.Tensor
-    """Scalar: beta·MSE(f_hat.detach(), f) + MSE(f_hat, f.detach()) on the cumulative f_hat, mean over scales."""
-    tokens: list[torch.Tensor]
-    """Per scale (B, pn, pn) long; -1 where scale dropout removed that scale for that sample."""
-    keep_BK: torch.Tensor
-    """(B, K) bool: which scales each sample used (all True without scale dropout)."""
+    f_hat: torch.Tensor  # (B, C, h, w) straight-through quantized latent: value of f_hat, gradient of f
+    vq_loss: torch.Tensor  # beta·MSE(sg[f_hat], f) + MSE(f_hat, sg[f]) on the cumulative f_hat, mean over scales
+    tokens: list[torch.Tensor]  # per scale (B, pn, pn) long; -1 where scale dropout removed the scale of a sample
+    keep_BK: torch.Tensor  # (B, K) bool: which scales each sample used (all True without scale dropout)
 
 
 @dataclass
 class Quantized:
     """M(k)·f: a latent quantized onto the first k scales of a schedule (:meth:`MultiScaleResidualQuantizer.quantize`)."""
 
-    tokens: list[torch.Tensor]
-    """Per scale (B, pn, pn) long token maps r_0..r_{k−1}."""
-    f_hats: list[torch.Tensor]
-    """f_hat after each of those scales, (B, C, h, w) float32."""
-    rest: torch.Tensor
-    """The residual f − f_hat_{k−1} (f itself when k = 0)."""
-    residuals: list[torch.Tensor]
-    """What each scale quantized: area_down(f − f_hat_{j−1}, pn_j), (B, C, pn_j, pn_j)."""
-    patch_nums: tuple[int, ...]
-    """The schedule the scales belong to (the first k of it were quantized)."""
+    tokens: list[torch.Tensor]  # per scale (B, pn, pn) long token maps r_0..r_{k−1}
+    f_hats: list[torch.Tensor]  # f_hat after each of those scales, (B, C, h, w) float32
+    rest: torch.Tensor  # the residual f − f_hat_{k−1} (f itself when k = 0)
+    residuals: list[torch.Tensor]  # what each scale quantized: area_down(f − f_hat_{j−1}, pn_j), (B, C, pn_j, pn_j)
+    patch_nums: tuple[int, ...]  # the schedule the scales belong to (the first k of it were quantized)
 
     @property
     def f_hat(self) -> torch.Tensor:

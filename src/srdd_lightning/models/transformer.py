@@ -39,48 +39,30 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tenso
 class InitConfig:
     """VAR's initialisation (``init_weights``), with its command-line names noted."""
 
-    std: float | None = None
-    """Trunc-normal std of every Linear/Embedding weight and learned embedding; None = sqrt(1/(3·width))."""
-    head: float = 0.02
-    """Multiplier on the output head's weight (VAR's ``--hd``)."""
-    adaln: float = 0.5
-    """Multiplier on the AdaLN scale/shift rows (VAR's ``--aln``)."""
-    adaln_gate: float = 1e-5
-    """Multiplier on the AdaLN gate rows γ1, γ2 (VAR's ``--alng``; its README uses 1e-3 for d16/d20)."""
+    std: float | None = None  # trunc-normal std of every weight and learned embedding; None = sqrt(1/(3·width))
+    head: float = 0.02  # multiplier on the output head's weight (VAR's ``--hd``)
+    adaln: float = 0.5  # multiplier on the AdaLN scale/shift rows (VAR's ``--aln``)
+    adaln_gate: float = 1e-5  # on the AdaLN gate rows γ1, γ2 (VAR's ``--alng``; its README: 1e-3 for d16/d20)
 
 
 @dataclass
 class GeneratorConfig:
     """Size, schedule and mask of the generator transformer."""
 
-    depth: int = 16
-    """Number of transformer blocks."""
-    width: int | None = None
-    """Model width C; None = 64·depth (VAR's rule)."""
-    num_heads: int | None = None
-    """Attention heads; None = depth (head dim 64 with the default width)."""
-    mlp_ratio: float = 4.0
-    """MLP hidden width / width."""
-    num_classes: int = 1000
-    """Real classes; class index ``num_classes`` is the null class of guidance. 1 = unconditional."""
-    vocab_size: int = 4096
-    """Codebook size V of the tokenizer (logits per token)."""
-    latent_dim: int = 32
-    """Code dimension Cvae of the tokenizer (input features per token)."""
-    patch_nums: tuple[int, ...] = VAR_PATCH_NUMS_256
-    """The trained scale schedule; one level and one position embedding per token of it."""
-    attn: AttnMode = "markov"
-    """Attention mask: "markov" (own scale, SRDD), "causal" (scales <= own, VAR), "markov_prev" (own + previous)."""
-    drop_path: float | None = None
-    """Stochastic-depth rate of the last block (linear from 0 over blocks); None = 0.1·depth/24 (VAR)."""
-    attn_l2_norm: bool = True
-    """Cosine attention: L2-normalised q/k with a learned per-head temperature (VAR's ``--anorm``)."""
-    cond_drop: float = 0.1
-    """Probability of replacing a label by the null class in training (used by :meth:`VARTransformer.drop_labels`)."""
-    norm_eps: float = 1e-6
-    """LayerNorm epsilon (VAR's value)."""
-    init: InitConfig = field(default_factory=InitConfig)
-    """Weight initialisation."""
+    depth: int = 16  # number of transformer blocks
+    width: int | None = None  # model width C; None = 64·depth (VAR's rule)
+    num_heads: int | None = None  # attention heads; None = depth (head dim 64 with the default width)
+    mlp_ratio: float = 4.0  # MLP hidden width / width
+    num_classes: int = 1000  # real classes; index num_classes is the null class of guidance; 1 = unconditional
+    vocab_size: int = 4096  # codebook size V of the tokenizer (logits per token)
+    latent_dim: int = 32  # code dimension Cvae of the tokenizer (input features per token)
+    patch_nums: tuple[int, ...] = VAR_PATCH_NUMS_256  # trained schedule: a level/position embedding per token
+    attn: AttnMode = "markov"  # "markov" (own scale, SRDD), "causal" (scales <= own, VAR), "markov_prev" (own + prev)
+    drop_path: float | None = None  # stochastic depth of the last block (linear from 0); None = 0.1·depth/24 (VAR)
+    attn_l2_norm: bool = True  # cosine attention: L2-normalised q/k, learned per-head temperature (VAR's --anorm)
+    cond_drop: float = 0.1  # probability of a label becoming the null class in training (:meth:`drop_labels`)
+    norm_eps: float = 1e-6  # LayerNorm epsilon (VAR's value)
+    init: InitConfig = field(default_factory=InitConfig)  # weight initialisation
 
     def __post_init__(self) -> None:
         self.patch_nums = as_schedule(self.patch_nums)
