@@ -61,25 +61,17 @@ class AttnBlock(nn.Module):
         return x_BChw + self.proj(out_BLC.transpose(1, 2).reshape(B, C, h, w))
 
 
-class Downsample(nn.Module):
-    """Halve the resolution: zero-pad right/bottom by one, then a stride-2 3×3 conv (no padding)."""
+class Resample(nn.Module):
+    """Halve the resolution (zero-pad right/bottom by one, stride-2 3×3 conv) or double it (nearest ×2, 3×3 conv)."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, down: bool):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+        self.down = down
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0) if down else nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x_BChw, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Double the resolution: nearest ×2, then a 3×3 conv."""
-
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        if self.down:
+            return self.conv(F.pad(x_BChw, (0, 1, 0, 1)))
         return self.conv(F.interpolate(x_BChw, scale_factor=2.0, mode="nearest"))
 
 
@@ -96,7 +88,7 @@ class Level(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, dropout, max_groups) for i in range(n_blocks))
         self.attns = nn.ModuleList(AttnBlock(out_ch, max_groups) for _ in range(n_blocks)) if use_attn else nn.ModuleList()
-        self.resample = resample  # Downsample / Upsample, or None at the last level
+        self.resample = resample  # None at the last level
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
@@ -122,7 +114,7 @@ class Encoder(nn.Module):
         ch = channels
         for i, out_ch in enumerate(widths):
             last = i == n - 1
-            self.levels.append(Level(ch, out_ch, num_res_blocks, last, None if last else Downsample(out_ch), dropout, max_groups))
+            self.levels.append(Level(ch, out_ch, num_res_blocks, last, None if last else Resample(out_ch, down=True), dropout, max_groups))
             ch = out_ch
         self.mid = mid_block(ch, dropout, max_groups)
         self.norm_out = group_norm(ch, max_groups)
@@ -149,7 +141,7 @@ class Decoder(nn.Module):
         for i, out_ch in enumerate(widths):
             last = i == len(widths) - 1
             # num_res_blocks + 1 blocks per level, as in VAR / LDM.
-            self.levels.append(Level(ch, out_ch, num_res_blocks + 1, i == 0, None if last else Upsample(out_ch), dropout, max_groups))
+            self.levels.append(Level(ch, out_ch, num_res_blocks + 1, i == 0, None if last else Resample(out_ch, down=False), dropout, max_groups))
             ch = out_ch
         self.norm_out = group_norm(ch, max_groups)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
