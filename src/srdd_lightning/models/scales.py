@@ -1,14 +1,13 @@
 """Scale schedules: the bookkeeping shared by the tokenizer, the generator and the sampler.
 
-A schedule is a tuple of patch sizes ``patch_nums`` (e.g. ``(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)``);
-scale ``k`` holds ``pn_k * pn_k`` tokens, and the last entry equals the latent size. Token maps
-travel either as a list of ``(B, pn, pn)`` tensors (``tokens``) or flattened and concatenated
-coarse-to-fine as ``idx_BL``.
+A schedule ``patch_nums`` is a tuple of patch sizes whose last entry is the latent size; scale ``k`` holds
+``pn_k * pn_k`` tokens. Token maps travel as a list of ``(B, pn, pn)`` tensors or flattened coarse-to-fine (``idx_BL``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -42,11 +41,8 @@ def num_tokens(patch_nums: Sequence[int]) -> int:
 
 def scale_slices(patch_nums: Sequence[int]) -> list[slice]:
     """Position of each scale's tokens inside a flattened ``idx_BL`` sequence."""
-    out, start = [], 0
-    for p in patch_nums:
-        out.append(slice(start, start + p * p))
-        start += p * p
-    return out
+    ends = list(accumulate(p * p for p in patch_nums))
+    return [slice(end - p * p, end) for end, p in zip(ends, patch_nums)]
 
 
 def scale_ids(patch_nums: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
@@ -67,11 +63,8 @@ def split_tokens(idx_BL: torch.Tensor, patch_nums: Sequence[int]) -> list[torch.
 
 
 def subset_indices(schedule: Sequence[int], trained: Sequence[int]) -> list[int]:
-    """Indices of ``schedule``'s scales inside the ``trained`` schedule.
-
-    A sampling (or student) schedule must be a subset of the trained scales that ends at the last
-    one, so that the final state decodes at full resolution.
-    """
+    """Indices of ``schedule``'s scales inside the ``trained`` schedule: a subset of the trained scales that ends at
+    the last one, so that the final state decodes at full resolution."""
     schedule, trained = as_schedule(schedule), as_schedule(trained)
     missing = [p for p in schedule if p not in trained]
     if missing:
