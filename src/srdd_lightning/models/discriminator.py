@@ -15,10 +15,7 @@ from srdd_lightning.models.vae import num_groups_for
 
 class PatchDiscriminator(nn.Module):
     """Image (B, C, H, W) -> patch logits (B, 1, H', W'), each judging a ~70 px receptive field (3 layers).
-
-    conv4×4/2 -> LeakyReLU, then ``n_layers`` − 1 conv4×4/2 -> norm -> LeakyReLU doubling the width (≤ 8×),
-    one conv4×4/1 -> norm -> LeakyReLU, and a conv4×4/1 to one channel. ``norm`` is "group" or "none".
-    """
+    ``norm``: "group" or "none"."""
 
     def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3, norm: str = "group", max_groups: int = 32):
         super().__init__()
@@ -66,9 +63,7 @@ class PatchDiscriminator(nn.Module):
         return self.net(img_B3HW)
 
 
-# ---------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------
+# ---- Losses ----------------------------------------------------------------------------------
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -82,10 +77,8 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4, eps: float = 1e-4) -> torch.Tensor:
-    """taming's balance λ = ‖∇_w L_rec‖ / (‖∇_w L_G‖ + eps), clamped to [0, max_weight], w = the decoder's last layer.
-
-    Returns a detached scalar. Both losses must still have their graphs (``retain_graph`` is used).
-    """
+    """taming's balance λ = ‖∇_w L_rec‖ / (‖∇_w L_G‖ + eps) in [0, max_weight], w = the decoder's last layer
+    (detached; both losses must still have their graphs)."""
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     return (g_rec.norm() / (g_gan.norm() + eps)).clamp(0.0, max_weight).detach()

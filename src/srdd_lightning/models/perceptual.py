@@ -1,10 +1,7 @@
 """LPIPS (Zhang et al. 2018, VGG16) as torchmetrics implements it, with the VGG backbone from a local file.
 
-torchmetrics' ``LearnedPerceptualImagePatchSimilarity`` ships LPIPS' linear heads in the package, but builds its
-VGG16 backbone with torchvision's ImageNet weights, i.e. downloads them. Nothing may download here, so this
-builds the same torchmetrics network (``_NoTrainLpips``: its scaling layer, its heads, its distance) with a
-randomly initialised backbone and loads the backbone from ``lpips_vgg_path`` (torchvision's
-``vgg16-397923af.pth``; option ``model.init_args.loss.lpips_vgg_path``, env ``SRDD_LPIPS_VGG_PATH``).
+torchmetrics ships LPIPS' heads but downloads the VGG16 backbone; nothing may download here, so this builds its
+``_NoTrainLpips`` with a random backbone and loads torchvision's ``vgg16-397923af.pth`` from ``lpips_vgg_path``.
 """
 
 from __future__ import annotations
@@ -64,5 +61,3 @@ def build_lpips(lpips_vgg_path: str | os.PathLike | None = None) -> nn.Module:
     net.net.load_state_dict(_backbone_state(sd, path), strict=True)
     return net.eval().requires_grad_(False)
 
-
-__all__ = ["VGG_ENV", "VGG_FILE", "VGG_OPTION", "build_lpips", "resolve_vgg_weights"]
