@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -165,18 +166,6 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
-class MLP(nn.Module):
-    """Linear -> GELU(tanh) -> Linear."""
-
-    def __init__(self, width: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
 class AdaLNBlock(nn.Module):
     """Transformer block with LayerNorm (no affine) modulated by the class condition (AdaLN)."""
 
@@ -186,7 +175,9 @@ class AdaLNBlock(nn.Module):
         self.norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
         self.ada = nn.Linear(width, 6 * width)  # applied to SiLU(cond)
         self.attn = SelfAttention(width, num_heads, l2_norm)
-        self.mlp = MLP(width, round(width * mlp_ratio))
+        hidden = round(width * mlp_ratio)  # Linear -> GELU(tanh) -> Linear
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(width, hidden), act=nn.GELU(approximate="tanh"),
+                                             fc2=nn.Linear(hidden, width)))
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, attend: Attend,
@@ -269,10 +260,8 @@ class KVCache:
         needed = [j for j in self.key_scales(si) if j != si]
         missing = [j for j in needed if j not in self._offset]
         if missing:
-            raise RuntimeError(
-                f"KVCache ({self.attn}) lacks scales {missing} needed by scale {si}: call forward_scale "
-                f"for the scales of {list(self.schedule)} in order, with the same cache"
-            )
+            raise RuntimeError(f"KVCache ({self.attn}) lacks scales {missing} needed by scale {si}: call forward_scale "
+                               f"for the scales of {list(self.schedule)} in order, with the same cache")
         self._offset = {j: off for j, off in self._offset.items() if j in needed}
         self._si = si
         if self.attn == "markov":
@@ -350,10 +339,8 @@ class VARTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.empty(1, num_tokens(cfg.patch_nums), C))  # one per trained token
         self.level_embed = nn.Embedding(K, C)  # one per trained scale
         rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()  # stochastic depth grows with depth
-        self.blocks = nn.ModuleList(
-            AdaLNBlock(C, cfg.num_heads, cfg.mlp_ratio, cfg.attn_l2_norm, rates[i], cfg.norm_eps)
-            for i in range(cfg.depth)
-        )
+        self.blocks = nn.ModuleList(AdaLNBlock(C, cfg.num_heads, cfg.mlp_ratio, cfg.attn_l2_norm, rate, cfg.norm_eps)
+                                    for rate in rates)
         self.head = AdaLNHead(C, cfg.vocab_size, cfg.norm_eps)
         self.attention: AttentionBackend = "auto"
         """How :meth:`forward` attends (see ``AttentionBackend``); a runtime choice, not part of the weights."""
@@ -407,10 +394,8 @@ class VARTransformer(nn.Module):
             raise TypeError(f"labels must be an integer tensor, got {label_B.dtype}")
         if label_B.numel() and label_B.device.type == "cpu" and not torch.compiler.is_compiling():
             if int(label_B.min()) < 0 or int(label_B.max()) > self.null_class:
-                raise ValueError(
-                    f"labels must lie in [0, {self.null_class}] (num_classes={self.num_classes}, "
-                    f"{self.null_class} = null class), got [{int(label_B.min())}, {int(label_B.max())}]"
-                )
+                raise ValueError(f"labels must lie in [0, {self.null_class}] (num_classes={self.num_classes}, "
+                                 f"{self.null_class} = null class), got [{int(label_B.min())}, {int(label_B.max())}]")
         elif label_B.numel():  # on an accelerator (or compiled): checked on the device, no host sync in the step
             ok = ((label_B >= 0) & (label_B <= self.null_class)).all()
             torch._assert_async(ok, f"labels must lie in [0, {self.null_class}] (num_classes={self.num_classes})")
@@ -427,10 +412,8 @@ class VARTransformer(nn.Module):
         trained_idx = subset_indices(sched, self.patch_nums)
         first_l = self.pos_start.shape[1]
         if sched[0] ** 2 != first_l and first_l != 1:
-            raise ValueError(
-                f"schedule {list(sched)} starts at {sched[0]}, but the start token was trained for "
-                f"{self.patch_nums[0]}x{self.patch_nums[0]} tokens (patch_nums {list(self.patch_nums)})"
-            )
+            raise ValueError(f"schedule {list(sched)} starts at {sched[0]}, but the start token was trained for "
+                             f"{self.patch_nums[0]}x{self.patch_nums[0]} tokens (patch_nums {list(self.patch_nums)})")
         return sched, trained_idx
 
     def _level_pos(self, trained_si: int) -> torch.Tensor:
@@ -472,10 +455,8 @@ class VARTransformer(nn.Module):
         B, first_l = label_B.shape[0], sched[0] ** 2
         expected = (B, num_tokens(sched) - first_l, self.config.latent_dim)
         if tuple(x_BLC.shape) != expected:
-            raise ValueError(
-                f"x_BLC must have shape (B, L - first_l, latent_dim) = {expected} for schedule {list(sched)}, "
-                f"got {tuple(x_BLC.shape)}"
-            )
+            raise ValueError(f"x_BLC must have shape (B, L - first_l, latent_dim) = {expected} for schedule "
+                             f"{list(sched)}, got {tuple(x_BLC.shape)}")
         # Embeddings outside autocast, in the parameters' dtype (float32 as VAR, unless FSDP casts the
         # parameters): the level/position embeddings are small next to the tokens.
         dtype = self.word_embed.weight.dtype
