@@ -83,15 +83,13 @@ class TokenizerConfig:
             raise ValueError(f"TokenizerConfig.dropout must lie in [0, 1), got {self.dropout}")
         f = self.downsample
         if self.image_size % f:
-            raise ValueError(
-                f"TokenizerConfig.image_size={self.image_size} is not a multiple of the downsampling factor {f} "
-                f"set by TokenizerConfig.channel_mults={list(self.channel_mults)} (2^(len − 1))"
-            )
+            raise ValueError(f"TokenizerConfig.image_size={self.image_size} is not a multiple of the downsampling "
+                             f"factor {f} set by TokenizerConfig.channel_mults={list(self.channel_mults)} "
+                             "(2^(len − 1))")
         if self.patch_nums[-1] != self.latent_size:
-            raise ValueError(
-                f"the last entry of TokenizerConfig.patch_nums={list(self.patch_nums)} must equal the latent size "
-                f"{self.latent_size} = TokenizerConfig.image_size={self.image_size} / {f} (from channel_mults)"
-            )
+            raise ValueError(f"the last entry of TokenizerConfig.patch_nums={list(self.patch_nums)} must equal the "
+                             f"latent size {self.latent_size} = TokenizerConfig.image_size={self.image_size} / {f} "
+                             "(from channel_mults)")
 
     @property
     def downsample(self) -> int:
@@ -126,8 +124,7 @@ class MultiScaleTokenizer(nn.Module):
         self.quant_conv = nn.Conv2d(cfg.latent_dim, cfg.latent_dim, k, padding=k // 2)
         self.quantizer = MultiScaleResidualQuantizer(
             cfg.vocab_size, cfg.latent_dim, cfg.patch_nums, phi_mode=cfg.phi_mode, num_phi=cfg.num_phi,
-            phi_rho=cfg.phi_rho, lookup=cfg.lookup, beta=cfg.beta, scale_dropout=cfg.scale_dropout,
-        )  # fmt: skip
+            phi_rho=cfg.phi_rho, lookup=cfg.lookup, beta=cfg.beta, scale_dropout=cfg.scale_dropout)
         self.post_quant_conv = nn.Conv2d(cfg.latent_dim, cfg.latent_dim, k, padding=k // 2)
         self.decoder = Decoder(out_channels=cfg.image_channels, **arch)
 
@@ -146,10 +143,8 @@ class MultiScaleTokenizer(nn.Module):
     def _check_img(self, img_B3HW: torch.Tensor) -> None:
         c, s = self.config.image_channels, self.config.image_size
         if img_B3HW.dim() != 4 or tuple(img_B3HW.shape[1:]) != (c, s, s):
-            raise ValueError(
-                f"expected images (B, {c}, {s}, {s}) for this tokenizer (image_size={s}, latent {self.latent_size}, "
-                f"patch_nums {list(self.patch_nums)}), got {tuple(img_B3HW.shape)}"
-            )
+            raise ValueError(f"expected images (B, {c}, {s}, {s}) for this tokenizer (image_size={s}, latent "
+                             f"{self.latent_size}, patch_nums {list(self.patch_nums)}), got {tuple(img_B3HW.shape)}")
 
     def _check_latent(self, f_BChw: torch.Tensor) -> None:
         C, h = self.latent_dim, self.latent_size
@@ -218,30 +213,23 @@ class MultiScaleTokenizer(nn.Module):
 
 # ---- Presets ---------------------------------------------------------------------------------
 
+# The CPU presets for the built-in digits. 8 norm groups: 32-group GroupNorm on 32 channels would normalise every
+# channel on its own.
+_DIGITS = dict(vocab_size=512, latent_dim=16, channels=32, num_res_blocks=1, norm_groups=8)
 _PRESET_CONFIGS: dict[str, dict] = {
     # VAR's released vae_ch160v4096z32.pth: 108.9 M parameters, 256 px -> 16×16×32, 680 tokens.
     "var-vae-f16": {},
     # The same network at 512 px (32×32 latent, VAR's d36 schedule, 2,240 tokens) and 1024 px (64×64, 10,240 tokens).
     "var-vae-f16-512": dict(image_size=512, patch_nums=VAR_PATCH_NUMS_512),
     "var-vae-f16-1024": dict(image_size=1024, patch_nums=VAR_PATCH_NUMS_1024),
-    # CPU preset for 32 px digits: f4 -> 8×8 latent, 130 tokens; ~1 M parameters. 8 norm groups because
-    # 32-group GroupNorm on 32 channels would normalise every channel on its own.
-    "tiny": dict(
-        image_size=32, vocab_size=512, latent_dim=16, channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
-        norm_groups=8, patch_nums=(1, 2, 3, 4, 6, 8),
-    ),
+    # 32 px digits: f4 -> 8×8 latent, 130 tokens; ~1 M parameters.
+    "tiny": dict(image_size=32, channel_mults=(1, 2, 2), patch_nums=(1, 2, 3, 4, 6, 8), **_DIGITS),
     # The built-in digits at 16 px (the CPU demo and table): f2 -> 8×8 latent, 130 tokens, as the generator
     # stage and the sampler assume. One down-sampling level keeps an 8×8 latent at 16 px; 0.74 M parameters.
-    "digits": dict(
-        image_size=16, vocab_size=512, latent_dim=16, channels=32, channel_mults=(1, 2), num_res_blocks=1,
-        norm_groups=8, patch_nums=(1, 2, 3, 4, 6, 8),
-    ),
-    # The same network for 16 px digits: 4×4 latent, 30 tokens.
-    "tiny-16": dict(
-        image_size=16, vocab_size=512, latent_dim=16, channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
-        norm_groups=8, patch_nums=(1, 2, 3, 4),
-    ),
-}  # fmt: skip
+    "digits": dict(image_size=16, channel_mults=(1, 2), patch_nums=(1, 2, 3, 4, 6, 8), **_DIGITS),
+    # The same network as tiny for 16 px digits: 4×4 latent, 30 tokens.
+    "tiny-16": dict(image_size=16, channel_mults=(1, 2, 2), patch_nums=(1, 2, 3, 4), **_DIGITS),
+}
 
 
 def tokenizer_config(preset: str, **overrides) -> TokenizerConfig:
