@@ -291,18 +291,14 @@ class MultiScaleResidualQuantizer(nn.Module):
 
     def tokens_to_fhat(self, tokens: Sequence[torch.Tensor], patch_nums: Sequence[int] | None = None, cumulative: bool = False):
         """Sum of the scales' contributions: final f_hat (B, C, h, w), contiguous, or the list after each scale."""
-        pns, sis = self.resolve(patch_nums)
-        self._check_tokens(tokens, pns)
-        self.check_token_ids(tokens)
+        pns, sis = self._resolve_tokens(tokens, patch_nums)
         with _no_autocast(tokens[0].device):
             out = list(self._states(tokens, pns, sis, len(pns)))
         return out if cumulative else out[-1]
 
     def teacher_forcing_inputs(self, tokens: Sequence[torch.Tensor], patch_nums: Sequence[int] | None = None) -> torch.Tensor:
         """Generator inputs x_BLC, (B, L − pn_0², C): for each scale k ≥ 1, area_down(f_hat after scales < k, pn_k), row-major."""
-        pns, sis = self.resolve(patch_nums)
-        self._check_tokens(tokens, pns)
-        self.check_token_ids(tokens)
+        pns, sis = self._resolve_tokens(tokens, patch_nums)
         with _no_autocast(tokens[0].device):
             xs = [self.next_input(f_hat, k, pns).flatten(2).transpose(1, 2)
                   for k, f_hat in enumerate(self._states(tokens, pns, sis, len(pns) - 1))]  # fmt: skip
@@ -310,13 +306,17 @@ class MultiScaleResidualQuantizer(nn.Module):
             return torch.zeros(tokens[0].shape[0], 0, self.dim, device=tokens[0].device)
         return torch.cat(xs, dim=1)
 
-    def _check_tokens(self, tokens: Sequence[torch.Tensor], pns: Schedule) -> None:
+    def _resolve_tokens(self, tokens: Sequence[torch.Tensor], patch_nums: Sequence[int] | None) -> tuple:
+        """:meth:`resolve` after checking that ``tokens`` are one valid token map per scale."""
+        pns, sis = self.resolve(patch_nums)
         if len(tokens) != len(pns):
             raise ValueError(f"got {len(tokens)} token maps for a schedule of {len(pns)} scales {list(pns)}")
         B = tokens[0].shape[0]
         for k, (t, pn) in enumerate(zip(tokens, pns)):
             if tuple(t.shape) != (B, pn, pn):
                 raise ValueError(f"token map {k} must have shape ({B}, {pn}, {pn}) for patch_nums {list(pns)}, got {tuple(t.shape)}")
+        self.check_token_ids(tokens)
+        return pns, sis
 
     # ----- dead-code restart ------------------------------------------------------------------------
 
