@@ -56,10 +56,8 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         if min(img_B3HW.shape[-2:]) < self.min_size():
-            raise ValueError(
-                f"images of {tuple(img_B3HW.shape[-2:])} px are too small for a {self.n_layers}-layer PatchGAN "
-                f"(needs >= {self.min_size()} px); use fewer n_layers"
-            )
+            raise ValueError(f"images of {tuple(img_B3HW.shape[-2:])} px are too small for a {self.n_layers}-layer "
+                             f"PatchGAN (needs >= {self.min_size()} px); use fewer n_layers")
         return self.net(img_B3HW)
 
 

@@ -76,11 +76,9 @@ def convert_var_vae_state_dict(var_sd: Mapping[str, torch.Tensor], model: MultiS
             out[new] = v
     missing = sorted(set(ours) - set(out))
     if unexpected or missing or misshapen:
-        raise ValueError(
-            "VAR tokenizer state dict does not match the var-vae-f16 preset: "
-            f"{len(missing)} missing {missing[:8]}, {len(unexpected)} unexpected {unexpected[:8]}, "
-            f"{len(misshapen)} with wrong shapes {misshapen[:8]}"
-        )
+        raise ValueError("VAR tokenizer state dict does not match the var-vae-f16 preset: "
+                         f"{len(missing)} missing {missing[:8]}, {len(unexpected)} unexpected {unexpected[:8]}, "
+                         f"{len(misshapen)} with wrong shapes {misshapen[:8]}")
     return out
 
 
@@ -103,10 +101,9 @@ def load_var_vae(
     else:
         path = Path(path_or_state_dict).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
-                f"VAR tokenizer checkpoint not found: {str(path)!r}. Download vae_ch160v4096z32.pth from VAR's release "
-                f"(Hugging Face FoundationVision/var) and set `{option}` to its path; nothing is downloaded automatically."
-            )
+            raise FileNotFoundError(f"VAR tokenizer checkpoint not found: {str(path)!r}. Download vae_ch160v4096z32.pth"
+                                    f" from VAR's release (Hugging Face FoundationVision/var) and set `{option}` to its"
+                                    " path; nothing is downloaded automatically.")
         var_sd = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(var_sd, Mapping):
             raise ValueError(f"{str(path)!r} does not hold a state dict (got {type(var_sd).__name__})")

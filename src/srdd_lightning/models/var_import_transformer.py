@@ -42,21 +42,18 @@ def var_key_to_ours(key: str) -> str | None:
     if key in _TOP_RENAMES:
         return _TOP_RENAMES[key]
     m = _BLOCK_KEY.match(key)
-    if m:
-        idx, rest = m.groups()
-        if rest in _IGNORED_BLOCK:
-            return None
-        if rest in _BLOCK_RENAMES:
-            return f"blocks.{idx}.{_BLOCK_RENAMES[rest]}"
+    if m and m[2] in _IGNORED_BLOCK:
+        return None
+    if m and m[2] in _BLOCK_RENAMES:
+        return f"blocks.{m[1]}.{_BLOCK_RENAMES[m[2]]}"
     if key.startswith("shared_ada_lin.") or key.endswith(".ada_gss"):
         raise ValueError(f"checkpoint uses VAR's shared AdaLN ({key}, the 512 px d36 model), which is not supported")
     raise KeyError(key)
 
 
-def convert_var_state_dict(
-    var_sd: Mapping[str, torch.Tensor], model: VARTransformer, trained_patch_nums: Sequence[int] | None = None,
-    ignore: Sequence[str] = (),
-) -> dict[str, torch.Tensor]:
+def convert_var_state_dict(var_sd: Mapping[str, torch.Tensor], model: VARTransformer,
+                           trained_patch_nums: Sequence[int] | None = None, ignore: Sequence[str] = ()
+                           ) -> dict[str, torch.Tensor]:
     """VAR's transformer state dict -> ours for ``model``; raises on missing, unexpected or misshaped keys.
 
     ``trained_patch_nums``: the checkpoint's schedule when ``model`` runs a subset of it (:func:`take_scales`).
@@ -91,18 +88,14 @@ def convert_var_state_dict(
     out: dict[str, torch.Tensor] = {}
     for name, (key, value) in renamed.items():
         if tuple(value.shape) != tuple(ours[name].shape):
-            raise ValueError(
-                f"{key} has shape {tuple(value.shape)}, the model expects {tuple(ours[name].shape)} for {name}: "
-                f"{_shape_hint(name, model)}"
-            )
+            raise ValueError(f"{key} has shape {tuple(value.shape)}, the model expects {tuple(ours[name].shape)} for "
+                             f"{name}: {_shape_hint(name, model)}")
         out[name] = value.to(ours[name].dtype)
     missing = sorted(n for n in set(ours) - set(out) if not any(_matches(n, p) for p in ignore))
     if unexpected or missing:
-        raise ValueError(
-            f"VAR checkpoint does not match the model (depth={model.config.depth}, "
-            f"attn_l2_norm={model.config.attn_l2_norm}): unexpected VAR keys {_head(sorted(unexpected))}, "
-            f"our keys without a value {_head(missing)}"
-        )
+        raise ValueError(f"VAR checkpoint does not match the model (depth={model.config.depth}, "
+                         f"attn_l2_norm={model.config.attn_l2_norm}): unexpected VAR keys {_head(sorted(unexpected))}, "
+                         f"our keys without a value {_head(missing)}")
     return out
 
 
@@ -163,10 +156,9 @@ def _shape_hint(name: str, model: VARTransformer) -> str:
 
 def _read(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"VAR transformer checkpoint not found: {os.fspath(path)!r}. Download VAR's released weights "
-            f"(var_d16.pth ... var_d30.pth) and give that file's path; nothing is downloaded at run time"
-        )
+        raise FileNotFoundError(f"VAR transformer checkpoint not found: {os.fspath(path)!r}. Download VAR's "
+                                "released weights (var_d16.pth ... var_d30.pth) and give that file's path; nothing is "
+                                "downloaded at run time")
     sd = unnest_var_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
     if not isinstance(sd, Mapping):
         raise ValueError(f"{os.fspath(path)!r} does not hold a state dict (got {type(sd).__name__})")
