@@ -4,15 +4,5 @@ from .tokenizer import TOKENIZER_PRESETS, MultiScaleTokenizer, TokenizerConfig, 
 from .transformer import PRESETS as GENERATOR_PRESETS
 from .transformer import GeneratorConfig, VARTransformer, build_generator, generator_config
 
-__all__ = [
-    "GENERATOR_PRESETS",
-    "TOKENIZER_PRESETS",
-    "GeneratorConfig",
-    "MultiScaleTokenizer",
-    "TokenizerConfig",
-    "VARTransformer",
-    "build_generator",
-    "build_tokenizer",
-    "generator_config",
-    "tokenizer_config",
-]
+__all__ = ["GENERATOR_PRESETS", "TOKENIZER_PRESETS", "GeneratorConfig", "MultiScaleTokenizer", "TokenizerConfig",
+           "VARTransformer", "build_generator", "build_tokenizer", "generator_config", "tokenizer_config"]

@@ -176,12 +176,9 @@ class MultiScaleResidualQuantizer(nn.Module):
         self, f_BChw: torch.Tensor, pns: Schedule, sis: Sequence[int], keep_BK: torch.Tensor | None = None,
         force: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Residual quantization of ``f`` over ``pns``: yields (z_k, r_k, f_hat_k) per scale.
-
-        z_k = area_down(f − f_hat_{k−1}, pn_k) is what scale k quantizes, r_k = nearest_code(z_k) (then
-        ``force(k, r_k)``), f_hat_k = f_hat_{k−1} + h_k with h_k = phi_k(up(codebook[r_k])) (times ``keep_BK[:, k]``).
-        The residual subtracts sg[h_k]; f_hat_k carries the codebook's and phi's gradients when grad is enabled.
-        """
+        """Residual quantization of ``f`` over ``pns`` (the module's loop): yields (z_k, r_k, f_hat_k) per scale, with
+        r_k replaced by ``force(k, r_k)`` and h_k multiplied by ``keep_BK[:, k]`` when given. The residual subtracts
+        sg[h_k]; f_hat_k carries the codebook's and phi's gradients when grad is enabled."""
         B, C, size = f_BChw.shape[0], f_BChw.shape[1], f_BChw.shape[-1]
         rest = f_BChw.detach().float().clone()
         f_hat = torch.zeros_like(rest)
@@ -217,10 +214,9 @@ class MultiScaleResidualQuantizer(nn.Module):
     def forward(self, f_BChw: torch.Tensor, keep_BK: torch.Tensor | None = None) -> QuantizerOutput:
         """Training forward over the trained schedule: straight-through f_hat, VQ loss, tokens.
 
-        With ``scale_dropout`` p > 0 (training mode only), each sample with probability p keeps only its
-        first K_b scales, K_b uniform in {1, …, K−1}: later scales add nothing to its f_hat, its tokens
-        there are -1, and its VQ loss is averaged over the scales it kept. ``keep_BK`` ((B, K) bool, e.g.
-        from ``draw_scale_keep`` with a seeded generator) replaces that draw.
+        With ``scale_dropout`` p > 0 (training only), a sample keeps with probability p only its first K_b scales, K_b
+        uniform in {1, …, K−1}: later scales add nothing, their tokens are -1, its VQ loss averages the kept scales.
+        ``keep_BK`` ((B, K) bool, e.g. ``draw_scale_keep`` with a seeded generator) replaces that draw.
         """
         pns, K = self.patch_nums, len(self.patch_nums)
         self._check_latent(f_BChw, pns)

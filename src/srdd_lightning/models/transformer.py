@@ -426,12 +426,8 @@ class VARTransformer(nn.Module):
         return (cond_BD.unsqueeze(1) + self.pos_start).expand(-1, pn * pn, -1)
 
     def _sequence_attention(self, schedule: Schedule, device: torch.device) -> Attend:
-        """Attention over a whole teacher-forced sequence under ``config.attn``, built once per schedule and device.
-
-        ``sdpa``: ``causal`` uses the dense block-causal mask (VAR); the markov masks never build an L×L mask but
-        make one SDPA call per scale over its contiguous key range (cost sum pn⁴). ``flex``: one ``flex_attention``
-        call with a ``BlockMask`` of the same mask.
-        """
+        """Attention over a teacher-forced sequence under ``config.attn``, built once per schedule and device. sdpa:
+        VAR's dense block-causal mask, or one call per scale for the markov masks (cost sum pn⁴, no L×L mask)."""
         backend = self.attention
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {backend!r}")
@@ -445,20 +441,16 @@ class VARTransformer(nn.Module):
 
     def forward(self, label_B: torch.Tensor, x_BLC: torch.Tensor, schedule: Sequence[int] | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Teacher-forced logits_BLV (float32) of every scale of ``schedule`` (default: the trained one).
-
-        ``x_BLC`` (B, L - schedule[0]², Cvae): the inputs of scales 1.. (area-downsampled cumulative f_hat); labels
-        are used as given (see :meth:`drop_labels`). ``generator`` (CPU) draws all blocks' drop-path masks at once
-        (None: the global RNG). Under autocast the residual stream runs in the autocast dtype, as VAR's.
-        """
+        """Teacher-forced logits_BLV (float32) of every scale of ``schedule`` from the inputs ``x_BLC`` of scales 1..
+        (B, L - schedule[0]², Cvae); ``generator`` (CPU) draws all blocks' drop-path masks (None: the global RNG)."""
         sched, trained_idx = self._schedule(schedule)
         B, first_l = label_B.shape[0], sched[0] ** 2
         expected = (B, num_tokens(sched) - first_l, self.config.latent_dim)
         if tuple(x_BLC.shape) != expected:
             raise ValueError(f"x_BLC must have shape (B, L - first_l, latent_dim) = {expected} for schedule "
                              f"{list(sched)}, got {tuple(x_BLC.shape)}")
-        # Embeddings outside autocast, in the parameters' dtype (float32 as VAR, unless FSDP casts the
-        # parameters): the level/position embeddings are small next to the tokens.
+        # Embeddings outside autocast, in the parameters' dtype (float32 as VAR unless FSDP casts the parameters;
+        # small next to the tokens); under autocast the residual stream then runs in the autocast dtype, as VAR's.
         dtype = self.word_embed.weight.dtype
         with torch.autocast(device_type=x_BLC.device.type, enabled=False):
             cond_BD = self.embed_condition(label_B).to(dtype)
@@ -480,11 +472,8 @@ class VARTransformer(nn.Module):
 
     def forward_scale(self, si: int, cond: torch.Tensor, x_BlC: torch.Tensor | None, cache: KVCache | None = None,
                       schedule: Sequence[int] | None = None) -> torch.Tensor:
-        """Logits_BlV (float32) of scale ``si`` of the schedule (``cache.schedule``, else ``schedule``/trained).
-
-        ``cond``: labels (B,) or cond_BD from :meth:`embed_condition` (e.g. 2B rows for CFG). ``x_BlC``: the scale's
-        input (B, pn², Cvae), None at si = 0. ``causal``/``markov_prev`` need the cache of the earlier scales.
-        """
+        """Logits_BlV (float32) of scale ``si`` from its input ``x_BlC`` (None at si = 0) and labels or cond_BD (e.g.
+        2B rows for CFG); ``causal``/``markov_prev`` need the ``cache`` holding the earlier scales."""
         if cache is None:
             if self.config.attn != "markov":
                 raise ValueError(f"attn={self.config.attn!r} needs a KVCache: pass cache=model.new_cache(schedule)")
