@@ -83,19 +83,12 @@ def convert_var_vae_state_dict(var_sd: Mapping[str, torch.Tensor], model: MultiS
 
 
 def load_var_vae(
-    path_or_state_dict: str | Path | Mapping[str, torch.Tensor],
-    *,
-    image_size: int = 256,
-    patch_nums: Sequence[int] | None = None,
-    option: str = "var_vae_path",
-    **overrides,
+    path_or_state_dict: str | Path | Mapping[str, torch.Tensor], *, image_size: int = 256,
+    patch_nums: Sequence[int] | None = None, option: str = "var_vae_path", **overrides,
 ) -> MultiScaleTokenizer:
-    """Build ``var-vae-f16`` and load VAR's ``vae_ch160v4096z32.pth`` into it (eval mode).
-
-    The same weights serve other resolutions: pass ``image_size`` and a matching ``patch_nums`` (e.g. 512
-    with VAR's (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)). ``overrides`` may change quantizer options that do not
-    touch the weights (lookup, beta, scale_dropout…). ``option`` names the setting in error messages.
-    """
+    """Build ``var-vae-f16`` and load VAR's ``vae_ch160v4096z32.pth`` into it (eval mode), at any ``image_size``
+    with a matching ``patch_nums``. ``overrides``: quantizer options that do not touch the weights (lookup, beta…);
+    ``option`` names the setting in error messages."""
     if isinstance(path_or_state_dict, Mapping):
         var_sd = path_or_state_dict
     else:

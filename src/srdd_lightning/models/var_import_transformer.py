@@ -154,25 +154,20 @@ def _shape_hint(name: str, model: VARTransformer) -> str:
     return hints.get(name, f"check depth/width/num_heads (now {cfg.depth}/{cfg.width}/{cfg.num_heads})")
 
 
-def _read(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"VAR transformer checkpoint not found: {os.fspath(path)!r}. Download VAR's "
-                                "released weights (var_d16.pth ... var_d30.pth) and give that file's path; nothing is "
-                                "downloaded at run time")
-    sd = unnest_var_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"{os.fspath(path)!r} does not hold a state dict (got {type(sd).__name__})")
-    return sd
-
-
 def load_var_transformer(src: str | os.PathLike | Mapping[str, torch.Tensor], config: str | GeneratorConfig = "var-d16",
                          **overrides) -> VARTransformer:
     """Build our model from VAR's weights (a path or a state dict), in eval mode like ``load_var_vae``.
     ``config``: a preset name (``attn`` then defaults to "causal", VAR's function) or a :class:`GeneratorConfig`."""
     if isinstance(src, Mapping):  # the caller keeps its dict: do not alias its tensors into the model
         var_sd = {k: v.clone() for k, v in src.items()}
+    elif not os.path.isfile(src):
+        raise FileNotFoundError(f"VAR transformer checkpoint not found: {os.fspath(src)!r}. Download VAR's "
+                                "released weights (var_d16.pth ... var_d30.pth) and give that file's path; nothing is "
+                                "downloaded at run time")
     else:
-        var_sd = _read(src)
+        var_sd = unnest_var_checkpoint(torch.load(src, map_location="cpu", weights_only=True))
+        if not isinstance(var_sd, Mapping):
+            raise ValueError(f"{os.fspath(src)!r} does not hold a state dict (got {type(var_sd).__name__})")
     if isinstance(config, str):
         cfg = generator_config(config, **{"attn": "causal", **overrides})
     else:
@@ -181,6 +176,5 @@ def load_var_transformer(src: str | os.PathLike | Mapping[str, torch.Tensor], co
         cfg = config
     with torch.device("meta"):  # no wasted random init: every tensor is replaced below
         model = VARTransformer(cfg)
-    state = convert_var_state_dict(var_sd, model)
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(convert_var_state_dict(var_sd, model), strict=True, assign=True)
     return model.eval()
