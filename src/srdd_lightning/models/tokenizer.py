@@ -109,10 +109,8 @@ CHANNELS_LAST_DECODE_ATOL = 2e-4
 
 
 class MultiScaleTokenizer(nn.Module):
-    """Encoder + quant_conv + ``MultiScaleResidualQuantizer`` + post_quant_conv + decoder, on images in [-1, 1].
-
-    Methods taking ``patch_nums`` accept any subset of the trained schedule ending at its last scale.
-    """
+    """Encoder + quant_conv + ``MultiScaleResidualQuantizer`` + post_quant_conv + decoder, on images in [-1, 1];
+    methods taking ``patch_nums`` accept any subset of the trained schedule ending at its last scale."""
 
     def __init__(self, config: TokenizerConfig | None = None):
         super().__init__()
@@ -140,20 +138,12 @@ class MultiScaleTokenizer(nn.Module):
         """The decoder's final conv weight (for the adaptive GAN weight)."""
         return self.decoder.last_layer
 
-    def _check_img(self, img_B3HW: torch.Tensor) -> None:
+    def encode(self, img_B3HW: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] -> continuous latent f (B, C, h, w), before quantization."""
         c, s = self.config.image_channels, self.config.image_size
         if img_B3HW.dim() != 4 or tuple(img_B3HW.shape[1:]) != (c, s, s):
             raise ValueError(f"expected images (B, {c}, {s}, {s}) for this tokenizer (image_size={s}, latent "
                              f"{self.latent_size}, patch_nums {list(self.patch_nums)}), got {tuple(img_B3HW.shape)}")
-
-    def _check_latent(self, f_BChw: torch.Tensor) -> None:
-        C, h = self.latent_dim, self.latent_size
-        if f_BChw.dim() != 4 or tuple(f_BChw.shape[1:]) != (C, h, h):
-            raise ValueError(f"expected a latent (B, {C}, {h}, {h}), got {tuple(f_BChw.shape)}")
-
-    def encode(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        """Image in [-1, 1] -> continuous latent f (B, C, h, w), before quantization."""
-        self._check_img(img_B3HW)
         return self.quant_conv(self.encoder(img_B3HW))
 
     def decode(self, f_hat_BChw: torch.Tensor, clamp: bool = True, channels_last: bool = False) -> torch.Tensor:
@@ -163,7 +153,9 @@ class MultiScaleTokenizer(nn.Module):
         summation order changes, by at most ``CHANNELS_LAST_DECODE_ATOL`` (measured 6e-5 on ``var-vae-f16`` at 256 px,
         2e-6 on ``digits``; benchmarks/bench_sampling.py). Not bf16: it moved pixels by 6-9e-2 there (8-11 levels).
         """
-        self._check_latent(f_hat_BChw)
+        C, h = self.latent_dim, self.latent_size
+        if f_hat_BChw.dim() != 4 or tuple(f_hat_BChw.shape[1:]) != (C, h, h):
+            raise ValueError(f"expected a latent (B, {C}, {h}, {h}), got {tuple(f_hat_BChw.shape)}")
         if channels_last:  # the layout propagates from the input through conv / GroupNorm / upsampling
             f_hat_BChw = f_hat_BChw.contiguous(memory_format=torch.channels_last)
         img = self.decoder(self.post_quant_conv(f_hat_BChw))
