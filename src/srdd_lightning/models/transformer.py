@@ -350,8 +350,7 @@ class VARTransformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """VAR's initialisation: trunc-normal everywhere, then head ×head, proj/fc2 ÷ sqrt(2·depth), AdaLN rows."""
-        init, C = self.config.init, self.config.width
-        std = init.std
+        init, C, std = self.config.init, self.config.width, self.config.init.std
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(m.weight, std=std)
@@ -402,9 +401,6 @@ class VARTransformer(nn.Module):
         if with_null:
             label_B = torch.cat((label_B, torch.full_like(label_B, self.null_class)))
         return self.class_embed(label_B)
-
-    def _as_cond(self, cond: torch.Tensor) -> torch.Tensor:
-        return cond if cond.is_floating_point() else self.embed_condition(cond)
 
     def _schedule(self, schedule: Sequence[int] | None) -> tuple[Schedule, list[int]]:
         """Validated schedule and the trained index of each of its scales."""
@@ -486,7 +482,7 @@ class VARTransformer(nn.Module):
             sched, trained_idx = self._schedule(cache.schedule)
         if not 0 <= si < len(sched):
             raise IndexError(f"scale index {si} out of range for schedule {list(sched)}")
-        cond_BD = self._as_cond(cond)
+        cond_BD = cond if cond.is_floating_point() else self.embed_condition(cond)
         pn = sched[si]
         dtype = self.word_embed.weight.dtype
         with torch.autocast(device_type=cond_BD.device.type, enabled=False):

@@ -1,4 +1,4 @@
-"""Load VAR's released checkpoints (FoundationVision/VAR) into this framework's modules.
+"""Load VAR's released VQVAE ``vae_ch160v4096z32.pth`` into a ``MultiScaleTokenizer`` (preset ``var-vae-f16``).
 
 Nothing is downloaded: the user gives the path of the file fetched from VAR's release (the Hugging Face
 repo ``FoundationVision/var``). Key names are mapped explicitly, every key accounted for.
@@ -14,10 +14,6 @@ import torch
 
 from srdd_lightning.models.scales import VAR_PATCH_NUMS_256
 from srdd_lightning.models.tokenizer import MultiScaleTokenizer, build_tokenizer
-
-# =============================================================================================
-# Tokenizer: vae_ch160v4096z32.pth -> MultiScaleTokenizer (preset var-vae-f16)
-# =============================================================================================
 
 # VAR's usage statistics (EMA of per-scale code hits); not a weight, its first dim depends on the schedule.
 VAR_VAE_IGNORED_KEYS = frozenset({"quantize.ema_vocab_hit_SV"})
