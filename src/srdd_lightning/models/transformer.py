@@ -211,15 +211,13 @@ class AdaLNHead(nn.Module):
 
 
 class KVCache:
-    """K/V of earlier scales for :meth:`VARTransformer.forward_scale`, owned by the caller.
+    """K/V of earlier scales for :meth:`VARTransformer.forward_scale`, owned by the caller; re-running a scale
+    (resampling) replaces its entry and drops later ones.
 
-    Keeps every previous scale (``causal``), the previous one (``markov_prev``) or none (``markov``); re-running a
-    scale (resampling) replaces its entry and drops later ones. Per block, K and V buffers (B, H, T, c) are allocated
-    on the first pass and each scale writes into its slice, so no scale is concatenated again (the concatenating
-    cache copied all past scales at every block of every scale, O(K²)). ``causal``: T = all tokens, scale j at its
-    sequence offset. ``markov_prev``: T = the two largest consecutive scales, the current one right-aligned and the
-    previous just before it, moved forward once when the next begins (n_si grows, so the copies never overlap).
-    Key order is the sequence order, so logits equal the teacher-forced pass.
+    Per block, K/V buffers (B, H, T, c) are allocated once and each scale writes into its slice (a concatenating
+    cache copied all past scales at every block of every scale, O(K²)). ``causal``: T = all tokens. ``markov_prev``:
+    T = the two largest consecutive scales, [previous | current] right-aligned, the previous moved forward once when
+    the next begins (n_si grows: the copies never overlap). Key order is the sequence order: logits equal forward's.
     """
 
     def __init__(self, schedule: Schedule, attn: str) -> None:

@@ -107,13 +107,12 @@ class Encoder(nn.Module):
     def __init__(self, *, channels: int, channel_mults: Sequence[int], num_res_blocks: int, z_channels: int,
                  in_channels: int = 3, dropout: float = 0.0, max_groups: int = 32):
         super().__init__()
-        n = len(channel_mults)
         widths = [channels * m for m in channel_mults]
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.levels = nn.ModuleList()
         ch = channels
         for i, out_ch in enumerate(widths):
-            last = i == n - 1
+            last = i == len(widths) - 1
             self.levels.append(Level(ch, out_ch, num_res_blocks, last, None if last else Resample(out_ch, down=True), dropout, max_groups))
             ch = out_ch
         self.mid = mid_block(ch, dropout, max_groups)
