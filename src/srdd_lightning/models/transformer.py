@@ -12,7 +12,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from typing import Literal, get_args
 
 import torch
@@ -553,13 +553,17 @@ def _sdpa_attention_plan(schedule: Schedule, attn: str, device: torch.device) ->
     return attend_per_scale
 
 
-_COMPILED_FLEX: Callable | None = None
+@cache
+def _compiled_flex() -> Callable:
+    """flex_attention compiled once per process."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def _flex_attention_plan(schedule: Schedule, attn: str, device: torch.device, compile: bool | None = None) -> Attend:
     """One ``flex_attention`` call under the mask's ``BlockMask``; compiled on CUDA by default (eager flex
     materialises the scores: only for tests and CPU inference)."""
-    global _COMPILED_FLEX
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     sid_L = scale_ids(schedule, device=device)
@@ -570,12 +574,7 @@ def _flex_attention_plan(schedule: Schedule, attn: str, device: torch.device, co
 
     L = sid_L.numel()
     block_mask = create_block_mask(mask_mod, None, None, L, L, device=str(device))
-    if device.type == "cuda" if compile is None else compile:
-        if _COMPILED_FLEX is None:
-            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-        flex = _COMPILED_FLEX
-    else:
-        flex = flex_attention
+    flex = _compiled_flex() if (device.type == "cuda" if compile is None else compile) else flex_attention
 
     def attend_flex(q, k, v, scale):
         if device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
