@@ -86,7 +86,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` is always a run's final state (Lightning's needs a periodic save).
+    """``ModelCheckpoint`` that never writes a worse checkpoint; ``last.ckpt`` is always a run's final state.
 
     A non-finite ``train/*loss*`` or weight stops the run with nothing saved from it (:class:`NonFiniteError`).
     SIGTERM (preemption) or a first Ctrl-C stops at the end of the step with ``last.ckpt`` written there (``srdd``
