@@ -1,33 +1,17 @@
 """Stage 2: the generator over a frozen tokenizer — VAR (``attn="causal"``) or SRDD's Markov form (``attn="markov"``).
 
-Training is VAR's recipe (DESIGN §2.2, notes/var-reference.md §1.5): ground-truth tokens are computed on the
-fly from the frozen tokenizer (or read from a token cache, ``srdd data tokenize``, whose tokenizer fingerprint
-and schedule must be this module's: checked at setup), the transformer predicts every scale in one
-teacher-forced pass, and the loss is the per-token cross-entropy with each token weighted 1/L:
+VAR's recipe (DESIGN §2.2, notes/var-reference.md §1.5): ground-truth tokens come from the frozen tokenizer (or a token
+cache of its fingerprint and schedule, ``srdd data tokenize``), every scale is predicted in one teacher-forced pass,
 
     loss = mean_b  sum_l (1/L) · CE(logits_bl, r_bl)          (the Markov chain's ELBO, DESIGN §2.2)
 
-AdamW (no decay on biases, norms, embeddings, temperatures), linear warmup then VAR's ``lin0`` decay,
-gradient clipping, label dropout to the null class (classifier-free guidance). The EMA is the ``ema``
-callback (``callbacks.ema``); validation, sample grids and FID use it.
-
-The tokenizer is a frozen submodule (moved with the module, never trained) but it is *not* saved in the
-generator's checkpoints: it is reloaded from ``tokenizer_ckpt``, whose resolved file and weight
-fingerprint the checkpoint records, so a generator cannot silently meet a different tokenizer.
-
-Fine-tuning: ``init_from`` starts the generator from VAR's released weights (``var_d16.pth`` … ``var_d30.pth``, through
-``models.var_import_transformer``) or from another generator run, with any mask (the weights do not depend on it) and
-on any subset schedule (the level / position embeddings of the scales of the same size are taken). It is applied once
-at setup; a resumed run loads its own checkpoint over it (as ``TokenizerModule.init_from``).
-
-Randomness of a training step (label dropout, drop-path) comes from one CPU generator owned by the module,
-seeded per micro-batch from (run seed, rank, optimizer step, batch index): micro-batches of one optimizer step
-draw different masks, and a resumed run draws exactly what the uninterrupted one would have.
-
-Strategies: DDP (every generator parameter is used: no ``find_unused_parameters``; the tokenizer is not
-re-broadcast each step), bf16-mixed, and FSDP with one unit per transformer block through
-:class:`srdd_lightning.strategies.GeneratorFSDP` (fp32 master weights, bf16 compute under autocast; the
-tokenizer is an FSDP ``ignored_module``, the EMA is ``callbacks.ema.ShardedEMA``).
+with AdamW, VAR's warmup and ``lin0`` decay, gradient clipping and label dropout to the null class (classifier-free
+guidance); validation, grids and FID use the ``ema`` callback's weights. The tokenizer is frozen and not saved: it is
+reloaded from ``tokenizer_ckpt``, whose file and weight fingerprint the checkpoint records, so a generator cannot
+silently meet another tokenizer. ``init_from`` (VAR's ``var_d*.pth`` or another run; any mask, any subset schedule)
+is applied once at setup. A step's randomness (label dropout, drop-path) comes from one CPU generator seeded per
+micro-batch from (run seed, rank, optimizer step, batch index), so a resumed run draws what an uninterrupted one
+would. Strategies: DDP, bf16-mixed, and FSDP through ``strategies.GeneratorFSDP`` (the tokenizer an ignored module).
 """
 
 from __future__ import annotations
@@ -43,7 +27,9 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from srdd_lightning.callbacks.ema import ema_weights
 from srdd_lightning.loading import (
@@ -59,26 +45,46 @@ from srdd_lightning.models.scales import flatten_tokens, scale_slices, split_tok
 from srdd_lightning.models.transformer import InitConfig, VARTransformer, generator_config
 from srdd_lightning.utils.seeding import mix_seed
 
-_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 INIT_FROM_OPTION = "model.init_args.init_from"
 
 
 def _clean(name: str) -> str:
     """Parameter name without the prefixes FSDP / activation checkpointing / compile insert."""
-    for p in _WRAPPER_PREFIXES:
+    for p in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(p, "")
     return name
 
 
-# --------------------------------------------------------------------------------------------
-# Options
-# --------------------------------------------------------------------------------------------
+def _typed(cls, value):
+    """A dataclass option given as a dict (a checkpoint's hyper_parameters, plain Python) or an instance."""
+    return value if isinstance(value, cls) else cls(**(value or {}))
+
+
+class StageModule(pl.LightningModule):
+    """A stage whose checkpoints name the class that wrote them (``STAGE_KEY``), refused by any other stage."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cls = type(self)
+        checkpoint[STAGE_KEY] = f"{cls.__module__}.{cls.__qualname__}"
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint(checkpoint)
+        self._weights_set = True  # a later setup() must not re-apply init_from over these weights
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint written by another stage (e.g. a tokenizer's), naming both."""
+        stage, cls = checkpoint.get(STAGE_KEY), type(self)
+        if stage is not None and stage != f"{cls.__module__}.{cls.__qualname__}":
+            raise ValueError(f"the checkpoint was written by {stage}, not by {cls.__qualname__}: give a "
+                             f"{cls.__qualname__} checkpoint (a run of the same stage)")  # fmt: skip
+
+
+# ---- options ----------------------------------------------------------------------------------
 
 
 @dataclass
 class GeneratorArch:
     """Changes to the generator preset's architecture; null keeps the preset's value."""
-
     depth: int | None = None
     """Number of transformer blocks."""
     width: int | None = None
@@ -111,7 +117,6 @@ class GeneratorArch:
 @dataclass
 class GeneratorOptim:
     """AdamW and the learning-rate schedule of the generator."""
-
     lr: float = 1e-4
     """Peak learning rate for the configured global batch (data.batch_size); VAR's rule: 1e-4 · global_batch / 256."""
     weight_decay: float = 0.05
@@ -138,16 +143,7 @@ class GeneratorOptim:
                 raise ValueError(f"model.init_args.optim.{name}={getattr(self, name)} is out of range")
 
 
-def _typed(cls, value):
-    """A dataclass option given as a dict (a checkpoint's hyper_parameters, plain Python) or an instance."""
-    if isinstance(value, cls):
-        return value
-    return cls(**(value or {}))
-
-
-# --------------------------------------------------------------------------------------------
-# Loss and the learning-rate schedule
-# --------------------------------------------------------------------------------------------
+# ---- loss and the learning-rate schedule ------------------------------------------------------
 
 
 def token_cross_entropy(logits_BLV: torch.Tensor, gt_BL: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -165,11 +161,8 @@ def var_loss(ce_BL: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class WarmupLinearDecay:
-    """LR multiplier of VAR's ``lin0`` schedule, stepped per optimizer step.
-
-    Linear warmup from ``warmup_start`` to 1 over ``warmup_steps``; then hold 1 for the first ``hold`` share
-    of the remaining steps and decay linearly to ``decay_to`` at ``total_steps`` (None: no decay).
-    """
+    """LR multiplier of VAR's ``lin0``, per optimizer step: linear warmup from ``warmup_start`` to 1, hold 1 for the
+    first ``hold`` share of the remaining steps, then linear decay to ``decay_to`` at ``total_steps`` (None: none)."""
 
     warmup_steps: int
     total_steps: int | None
@@ -189,44 +182,37 @@ class WarmupLinearDecay:
         return self.decay_to + (1 - self.decay_to) * (1 - done) / (1 - self.hold)
 
 
-# --------------------------------------------------------------------------------------------
-# The stage
-# --------------------------------------------------------------------------------------------
+# ---- the stage --------------------------------------------------------------------------------
 
 
-class SRDDModule(pl.LightningModule):
+class SRDDModule(StageModule):
     """Stage 2: train VAR's next-scale generator (``attn=causal``) or SRDD's Markov form (``attn=markov``).
 
     Args:
         tokenizer_ckpt: Frozen tokenizer: a TokenizerModule run folder (``runs/digits/tokenizer``: its newest
-            ``version_*/checkpoints/last.ckpt``) or file, or VAR's ``vae_ch160v4096z32.pth``. The resolved
-            file is recorded, and the generator's checkpoints do not contain the tokenizer.
+            ``version_*/checkpoints/last.ckpt``) or file, or VAR's ``vae_ch160v4096z32.pth``; recorded, not stored.
         generator: Generator preset (``tiny``, ``small``, ``var-d16``, ``var-d20``, ``var-d24``, ``var-d30``).
-        architecture: Changes to the preset's architecture (depth, width, heads, drop path, init). The codebook
-            size, latent dim and scales come from the tokenizer, the classes from the data.
+        architecture: Changes to the preset (depth, width, heads, drop path, init); sizes come from tokenizer and data.
         attn: Attention mask: ``markov`` (SRDD: each scale attends to itself), ``causal`` (VAR: scales <= own),
             ``markov_prev`` (own and previous scale, an ablation).
         num_classes: Real classes (the null class is added by the generator); filled from the data by the CLI.
         image_size: Image side in pixels; filled from the data by the CLI and checked against the tokenizer.
-        schedule: Train a fewer-scale model on this subset of the tokenizer's patch_nums (ending at its last
-            scale), e.g. ``[1, 3, 5, 8, 13, 16]``; ground-truth tokens are re-quantized on it. None: all scales.
+        schedule: Train on this subset of the tokenizer's patch_nums ending at its last scale, e.g. ``[1, 3, 5, 8, 13,
+            16]`` (ground-truth tokens re-quantized on it). None: all scales.
         cond_drop: Probability of replacing a label by the null class in training (classifier-free guidance).
         label_smoothing: Label smoothing of the cross-entropy (VAR: 0).
         optim: AdamW, learning-rate schedule and gradient clipping.
         tokenizer_ema: Load the tokenizer's EMA weights when its checkpoint has them.
-        init_from: Start from these weights instead of a random init: VAR's released ``var_d16.pth`` … ``var_d30.pth``
-            (depth, width and heads must be the file's: ``generator: var-d16`` …) or a generator run folder /
-            checkpoint (its EMA weights); any ``attn``; with a ``schedule`` the scales of the same size are taken.
-            Applied once at setup; a resumed run loads its own checkpoint over it.
-        init_from_ignore: Parameters (or modules, e.g. ``class_embed``) of ``init_from`` not to load, kept freshly
-            initialised: ``[class_embed]`` fine-tunes on another class count (e.g. ImageNet's VAR on SUN397).
-        attention: How the teacher-forced pass attends: ``flex`` (one block-sparse ``flex_attention`` call, compiled
-            on CUDA), ``sdpa`` (one SDPA call per scale for the markov masks; the cached block-causal mask for
-            causal), ``auto`` (flex on CUDA for the markov masks, sdpa otherwise). Same numbers either way.
-        compile: ``torch.compile`` the generator's training forward (the first steps are slow while it compiles;
-            sampling stays eager). Checkpoints keep the plain parameter names.
-        tf32: Allow TF32 matmuls and convolutions on Ampere or newer GPUs (``torch.set_float32_matmul_precision
-            ("high")``) for the fp32 parts of training; no effect on the CPU.
+        init_from: Start from VAR's released ``var_d16.pth`` … ``var_d30.pth`` (``generator: var-d16`` …: the file's
+            depth, width, heads) or a generator run / checkpoint (its EMA weights), any ``attn``; with a ``schedule``
+            the scales of the same size are taken. A resumed run loads its own checkpoint over it.
+        init_from_ignore: Parameters (or modules) of ``init_from`` kept freshly initialised: ``[class_embed]``
+            fine-tunes on another class count (e.g. ImageNet's VAR on SUN397).
+        attention: ``flex`` (one block-sparse ``flex_attention`` call, compiled on CUDA), ``sdpa`` (SDPA per scale for
+            the markov masks, the cached block-causal mask for causal), ``auto`` (flex on CUDA for the markov masks,
+            sdpa otherwise). Same numbers either way.
+        compile: ``torch.compile`` the training forward (slow first steps; sampling stays eager; same checkpoint names).
+        tf32: Allow TF32 matmuls and convolutions on Ampere or newer GPUs for the fp32 parts of training.
     """
 
     frozen_submodules = ("tokenizer",)  # the EMA callback shares it instead of averaging a copy
@@ -239,25 +225,12 @@ class SRDDModule(pl.LightningModule):
         if init_args.get("init_from"):
             _resolve_init_from(init_args["init_from"])
 
-    def __init__(
-        self,
-        tokenizer_ckpt: str,
-        generator: str = "tiny",
-        architecture: GeneratorArch = GeneratorArch(),
-        attn: Literal["markov", "causal", "markov_prev"] = "markov",
-        num_classes: int | None = None,
-        image_size: int | None = None,
-        schedule: list[int] | None = None,
-        cond_drop: float = 0.1,
-        label_smoothing: float = 0.0,
-        optim: GeneratorOptim = GeneratorOptim(),
-        tokenizer_ema: bool = True,
-        init_from: str | None = None,
-        init_from_ignore: list[str] | None = None,
-        attention: Literal["auto", "flex", "sdpa"] = "auto",
-        compile: bool = False,
-        tf32: bool = True,
-    ):
+    def __init__(self, tokenizer_ckpt: str, generator: str = "tiny", architecture: GeneratorArch = GeneratorArch(),
+                 attn: Literal["markov", "causal", "markov_prev"] = "markov", num_classes: int | None = None,
+                 image_size: int | None = None, schedule: list[int] | None = None, cond_drop: float = 0.1,
+                 label_smoothing: float = 0.0, optim: GeneratorOptim = GeneratorOptim(), tokenizer_ema: bool = True,
+                 init_from: str | None = None, init_from_ignore: list[str] | None = None,
+                 attention: Literal["auto", "flex", "sdpa"] = "auto", compile: bool = False, tf32: bool = True):
         super().__init__()
         architecture, optim = _typed(GeneratorArch, architecture), _typed(GeneratorOptim, optim)
         self.save_hyperparameters()
@@ -271,15 +244,12 @@ class SRDDModule(pl.LightningModule):
                              "give it when building SRDDModule yourself")  # fmt: skip
 
         # ---- the frozen tokenizer (pinned to the resolved file, so a resume cannot pick a newer one)
-        tokenizer, info = load_tokenizer(tokenizer_ckpt, ema=tokenizer_ema)
-        self.tokenizer = tokenizer
-        self.tokenizer_info = info
+        self.tokenizer, self.tokenizer_info = tokenizer, info = load_tokenizer(tokenizer_ckpt, ema=tokenizer_ema)
         self.hparams.tokenizer_ckpt = info["path"]
         if image_size is not None and image_size != tokenizer.image_size:
-            raise ValueError(
-                f"the data gives image_size={image_size} (data.resolution or the packed resolution), but the tokenizer "
-                f"{info['path']} (model.init_args.tokenizer_ckpt) was built for {tokenizer.image_size} px"
-            )
+            raise ValueError(f"the data gives image_size={image_size} (data.resolution or the packed resolution), but "
+                             f"the tokenizer {info['path']} (model.init_args.tokenizer_ckpt) was built for "
+                             f"{tokenizer.image_size} px")
 
         # ---- the generator, sized by the tokenizer
         tok_pns = tuple(info["patch_nums"])
@@ -318,12 +288,19 @@ class SRDDModule(pl.LightningModule):
             self.tokenizer.to(self.device)
 
     @torch.no_grad()
+    def chain_targets(self, x0_BChw: torch.Tensor, patch_nums=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens gt_BL of M(·)·x_0 on ``patch_nums`` (default: the generator's) and teacher-forcing inputs x_BLC."""
+        pns = self.patch_nums if patch_nums is None else tuple(patch_nums)
+        with torch.autocast(device_type=x0_BChw.device.type, enabled=False):
+            tokens = self.tokenizer.quantizer.quantize(x0_BChw.float(), pns).tokens
+            x_BLC = self.tokenizer.teacher_forcing_inputs(tokens, pns)
+        return flatten_tokens(tokens), x_BLC
+
+    @torch.no_grad()
     def tokens_and_inputs(self, img_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Ground-truth tokens gt_BL on the generator's schedule and the teacher-forcing inputs x_BLC (fp32)."""
         with torch.autocast(device_type=img_B3HW.device.type, enabled=False):
-            tokens = self.tokenizer.img_to_tokens(img_B3HW.float(), self.patch_nums)
-            x_BLC = self.tokenizer.teacher_forcing_inputs(tokens, self.patch_nums)
-        return flatten_tokens(tokens), x_BLC
+            return self.chain_targets(self.tokenizer.encode(img_B3HW.float()))
 
     @torch.no_grad()
     def inputs_from_tokens(self, idx_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,19 +324,17 @@ class SRDDModule(pl.LightningModule):
             ema = "" if cache.get("ema") in (None, ours.get("ema")) else (
                 f" (the cache used {'the EMA' if cache['ema'] else 'the trained'} weights: match "
                 f"model.init_args.tokenizer_ema and srdd data tokenize --ema)")  # fmt: skip
-            raise ValueError(
-                f"the token cache {root} (data.root) was written by the tokenizer {cache['tokenizer']} (weights "
-                f"{cache['fingerprint']}), but model.init_args.tokenizer_ckpt gives {ours['path']} (weights "
-                f"{ours['fingerprint']}){ema}: its codes mean other things; re-tokenize with `srdd data tokenize "
-                f"--tokenizer {ours['path']}` or point data.root at the images"
-            )
+            raise ValueError(f"the token cache {root} (data.root) was written by the tokenizer {cache['tokenizer']} "
+                             f"(weights {cache['fingerprint']}), but model.init_args.tokenizer_ckpt gives "
+                             f"{ours['path']} (weights {ours['fingerprint']}){ema}: its codes mean other things; "
+                             f"re-tokenize with `srdd data tokenize --tokenizer {ours['path']}` or point data.root at "
+                             "the images")
         if tuple(cache["patch_nums"]) != self.patch_nums:
-            raise ValueError(
-                f"the token cache {root} (data.root) holds tokens on patch_nums {cache['patch_nums']}, but the generator "
-                f"trains on {list(self.patch_nums)} (model.init_args.schedule): tokens of one schedule are not those "
-                f"of another (each scale quantizes what the previous ones left); write a cache with `srdd data "
-                f"tokenize --patch_nums [{','.join(map(str, self.patch_nums))}]`, or train from the images"
-            )
+            raise ValueError(f"the token cache {root} (data.root) holds tokens on patch_nums {cache['patch_nums']}, "
+                             f"but the generator trains on {list(self.patch_nums)} (model.init_args.schedule): tokens "
+                             "of one schedule are not those of another (each scale quantizes what the previous ones "
+                             "left); write a cache with `srdd data tokenize --patch_nums "
+                             f"[{','.join(map(str, self.patch_nums))}]`, or train from the images")
 
     # ---- strategies ----------------------------------------------------------------------------
 
@@ -372,8 +347,6 @@ class SRDDModule(pl.LightningModule):
         return model if isinstance(model, FullyShardedDataParallel) else None
 
     def setup(self, stage: str) -> None:
-        from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-
         strategy = self.trainer.strategy
         if isinstance(strategy, FSDPStrategy):
             ignored = list(strategy.kwargs.get("ignored_modules") or [])
@@ -381,16 +354,12 @@ class SRDDModule(pl.LightningModule):
                 strategy.kwargs["ignored_modules"] = ignored + [self.tokenizer]
         elif isinstance(strategy, DDPStrategy):
             # The tokenizer is constant: no per-step broadcast of its buffers and parameters.
-            from torch.nn.parallel import DistributedDataParallel
-
-            names = [n for n, _ in self.named_buffers() if n.startswith("tokenizer.")]
-            names += [n for n, _ in self.named_parameters() if n.startswith("tokenizer.")]
+            names = [n for n, _ in [*self.named_buffers(), *self.named_parameters()] if n.startswith("tokenizer.")]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
         if stage == "fit" and self.trainer.gradient_clip_val is not None:
-            raise ValueError(
-                f"trainer.gradient_clip_val={self.trainer.gradient_clip_val} is set, but SRDDModule clips itself: "
-                f"use model.init_args.optim.grad_clip (now {self.optim.grad_clip}) and leave trainer.gradient_clip_val unset"
-            )
+            raise ValueError(f"trainer.gradient_clip_val={self.trainer.gradient_clip_val} is set, but SRDDModule clips "
+                             f"itself: use model.init_args.optim.grad_clip (now {self.optim.grad_clip}) and leave "
+                             "trainer.gradient_clip_val unset")
         if self._trainer is not None:
             self.check_token_cache(getattr(self.trainer, "datamodule", None))
         if self.hparams.get("init_from") and not self._weights_set:
@@ -409,11 +378,8 @@ class SRDDModule(pl.LightningModule):
     @torch.no_grad()
     def load_initial_weights(self, path: str) -> None:
         """Load VAR's ``var_d*.pth`` or a generator checkpoint / run folder (EMA weights) into ``self.generator``."""
-        from srdd_lightning.models.var_import_transformer import (
-            convert_var_state_dict,
-            is_var_transformer_state_dict,
-            unnest_var_checkpoint,
-        )
+        from srdd_lightning.models.var_import_transformer import (convert_var_state_dict, is_var_transformer_state_dict,
+                                                                  unnest_var_checkpoint)
 
         file, ckpt = read_checkpoint(_resolve_init_from(path), INIT_FROM_OPTION)
         ckpt = unnest_var_checkpoint(ckpt)
@@ -423,11 +389,10 @@ class SRDDModule(pl.LightningModule):
         if isinstance(hp, dict) and "tokenizer_ckpt" in hp:  # a generator run of this framework
             recorded = ckpt.get(CKPT_TOKENIZER_KEY) or {}
             if recorded.get("fingerprint") not in (None, self.tokenizer_info["fingerprint"]):
-                raise ValueError(
-                    f"{file} ({INIT_FROM_OPTION}) was trained with the tokenizer {recorded.get('path')} (weights "
-                    f"{recorded.get('fingerprint')}), but model.init_args.tokenizer_ckpt gives {self.tokenizer_info['path']} "
-                    f"(weights {self.tokenizer_info['fingerprint']}): its codes mean other things; use that tokenizer"
-                )
+                raise ValueError(f"{file} ({INIT_FROM_OPTION}) was trained with the tokenizer {recorded.get('path')} "
+                                 f"(weights {recorded.get('fingerprint')}), but model.init_args.tokenizer_ckpt gives "
+                                 f"{self.tokenizer_info['path']} (weights {self.tokenizer_info['fingerprint']}): its "
+                                 "codes mean other things; use that tokenizer")
             trained = hp.get("schedule") or recorded.get("patch_nums") or tok_pns
             self.init_generator_from(stage_state(ckpt, "generator."), trained, f"the generator checkpoint {file}", ignore)
         elif is_var_transformer_state_dict(ckpt):
@@ -458,26 +423,25 @@ class SRDDModule(pl.LightningModule):
             except ValueError as e:
                 raise ValueError(f"{what} ({INIT_FROM_OPTION}) cannot start the schedule {list(self.patch_nums)} "
                                  f"(model.init_args.schedule): {e}") from None  # fmt: skip
-        state = {k: v for k, v in state.items() if not any(k == p or k.startswith(p + ".") for p in ignore)}
-        self._load_generator_state(state, ignore, what)
+        self._load_generator_state({k: v for k, v in state.items() if not _ignored(k, ignore)}, ignore, what)
 
     def _check_classes(self, theirs: int, what: str, ignore: list[str]) -> None:
         ours = self.generator.num_classes
         if theirs != ours and not any(p in ("class_embed", "class_embed.weight") for p in ignore):
-            raise ValueError(
-                f"{what} ({INIT_FROM_OPTION}) was trained on {theirs} classes, but the data has {ours}: to fine-tune on "
-                f"another class count, add model.init_args.init_from_ignore: [class_embed] (the class embedding, null "
-                f"class included, is then freshly initialised; the rest of the weights are loaded)"
-            )
+            raise ValueError(f"{what} ({INIT_FROM_OPTION}) was trained on {theirs} classes, but the data has {ours}: "
+                             "to fine-tune on another class count, add model.init_args.init_from_ignore: [class_embed] "
+                             "(the class embedding, null class included, is then freshly initialised; the rest of the "
+                             "weights are loaded)")
 
     def _load_generator_state(self, state: dict[str, torch.Tensor], ignore: list[str], what: str) -> None:
         current = self.generator.state_dict()
-        kept = {k: v for k, v in current.items() if any(k == p or k.startswith(p + ".") for p in ignore)}
         try:
-            self.generator.load_state_dict({**state, **kept}, strict=True)
+            self.generator.load_state_dict({**state, **{k: v for k, v in current.items() if _ignored(k, ignore)}})
         except RuntimeError as e:
+            mismatch = next((f"(first mismatch: {k} {tuple(state[k].shape)} vs the generator's {tuple(v.shape)})"
+                             for k, v in current.items() if k in state and state[k].shape != v.shape), "")  # fmt: skip
             raise ValueError(f"{what} ({INIT_FROM_OPTION}) does not fit the generator (model.init_args.generator / "
-                             f"architecture / schedule): {str(e).splitlines()[0]} {_first_mismatch(state, current)}") from None  # fmt: skip
+                             f"architecture / schedule): {str(e).splitlines()[0]} {mismatch}") from None  # fmt: skip
 
     def on_fit_start(self) -> None:
         self._tokenizer_to_device()
@@ -487,14 +451,9 @@ class SRDDModule(pl.LightningModule):
         """The EMA weights in ``self.generator`` inside the block (full parameters under FSDP; all ranks enter it)."""
         self._tokenizer_to_device()
         root = self._fsdp_root()
-        with ema_weights(self):
-            if root is None:
-                yield self.generator
-                return
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            with FullyShardedDataParallel.summon_full_params(root, writeback=False, recurse=True):
-                yield self.generator
+        with ema_weights(self), (contextlib.nullcontext() if root is None
+                                 else root.summon_full_params(root, writeback=False, recurse=True)):
+            yield self.generator
 
     def sampler(self):
         """A :class:`~srdd_lightning.sampling.Sampler` over this generator and tokenizer (current weights)."""
@@ -510,12 +469,11 @@ class SRDDModule(pl.LightningModule):
         return self.rng.manual_seed(mix_seed(self._run_seed, self.global_rank, self.global_step, batch_idx))
 
     def _forward_loss(self, batch, rng: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ce_BL, logits_BLV, gt_BL of a batch; ``rng`` given = training (label dropout, drop-path).
-
-        The batch is ``(img_B3HW, label_B)``, or ``(idx_BL, label_B)`` integer tokens from a token cache.
-        """
+        """ce_BL, logits_BLV, gt_BL of ``(img_B3HW, label_B)`` or of cached tokens ``(idx_BL, label_B)``; ``rng``
+        given = training (label dropout, drop-path)."""
         x, label_B = batch
-        gt_BL, x_BLC = self.inputs_from_tokens(x) if _is_token_batch(x) else self.tokens_and_inputs(x)
+        from_cache = x.dim() == 2 and not x.is_floating_point()  # (B, L) token indices, not (B, 3, H, W) images
+        gt_BL, x_BLC = self.inputs_from_tokens(x) if from_cache else self.tokens_and_inputs(x)
         if rng is not None:
             label_B = self.generator.drop_labels(label_B, p=self.hparams.cond_drop, generator=rng)
         logits_BLV = self.generator(label_B, x_BLC, generator=rng)
@@ -594,10 +552,9 @@ class SRDDModule(pl.LightningModule):
              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}],
             lr=opt.lr, betas=tuple(opt.betas), fused=fused,
         )  # fmt: skip
-        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
-        if total is None:
-            est = self.trainer.estimated_stepping_batches
-            total = int(est) if math.isfinite(est) else None
+        steps = self.trainer.max_steps
+        total = steps if steps and steps > 0 else self.trainer.estimated_stepping_batches
+        total = int(total) if math.isfinite(total) else None
         if total is not None and opt.warmup_steps >= total:
             raise ValueError(f"model.init_args.optim.warmup_steps={opt.warmup_steps} must be below trainer.max_steps={total}")
         schedule = WarmupLinearDecay(opt.warmup_steps, total, opt.decay_to)
@@ -608,52 +565,44 @@ class SRDDModule(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         max_norm = self.optim.grad_clip or math.inf
-        root = self._fsdp_root()
-        if root is not None:
+        if (root := self._fsdp_root()) is not None:
             norm = root.clip_grad_norm_(max_norm)
         else:
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            norm = torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None], max_norm)
         self.log("train/grad_norm", norm)
 
     # ---- checkpoints: the tokenizer is referenced, not stored ---------------------------------------
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        for key in ("state_dict", "current_model_state"):  # the EMA callback has run already (callbacks first)
-            sd = checkpoint.get(key) or {}
-            for k in [k for k in sd if _clean(k).startswith("tokenizer.")]:
-                del sd[k]
-        cls = type(self)
-        checkpoint[STAGE_KEY] = f"{cls.__module__}.{cls.__qualname__}"
-        info = self.tokenizer_info
-        checkpoint[CKPT_TOKENIZER_KEY] = {
-            "path": info["path"], "abspath": str(Path(info["path"]).resolve()), "fingerprint": info["fingerprint"],
-            "kind": info["kind"], "vocab_size": info["vocab_size"], "latent_dim": info["latent_dim"],
-            "patch_nums": info["patch_nums"],
-        }  # fmt: skip
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    @staticmethod
+    def _drop_tokenizer(checkpoint: dict[str, Any]) -> None:
+        """Remove ``tokenizer.*`` from the weights (also the EMA callback's, which has run already: callbacks first)."""
         for key in ("state_dict", "current_model_state"):
             sd = checkpoint.get(key) or {}
             for k in [k for k in sd if _clean(k).startswith("tokenizer.")]:
-                del sd[k]  # the tokenizer always comes from tokenizer_ckpt
-        self.check_checkpoint(checkpoint)
-        self._weights_set = True  # a later setup() must not re-apply init_from over these weights
+                del sd[k]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._drop_tokenizer(checkpoint)
+        super().on_save_checkpoint(checkpoint)
+        info = self.tokenizer_info
+        checkpoint[CKPT_TOKENIZER_KEY] = {"path": info["path"], "abspath": str(Path(info["path"]).resolve()),
+                                          **{k: info[k] for k in ("fingerprint", "kind", "vocab_size", "latent_dim",
+                                                                  "patch_nums")}}  # fmt: skip
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._drop_tokenizer(checkpoint)  # the tokenizer always comes from tokenizer_ckpt
+        super().on_load_checkpoint(checkpoint)
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another stage, or one trained with another tokenizer (both named)."""
-        stage = checkpoint.get(STAGE_KEY)
-        cls = type(self)
-        if stage is not None and stage != f"{cls.__module__}.{cls.__qualname__}":
-            raise ValueError(f"the checkpoint was written by {stage}, not by {cls.__qualname__}: give a "
-                             f"{cls.__qualname__} checkpoint (a run of the same stage)")  # fmt: skip
+        super().check_checkpoint(checkpoint)
         saved, now = checkpoint.get(CKPT_TOKENIZER_KEY), self.tokenizer_info
         if saved and saved.get("fingerprint") != now["fingerprint"]:
-            raise ValueError(
-                f"this generator was trained with the tokenizer {saved.get('path')} (weights {saved.get('fingerprint')}; "
-                f"{_sizes(saved)}), but model.init_args.tokenizer_ckpt now gives {now['path']} with different weights "
-                f"({now['fingerprint']}; {_sizes(now)}); point tokenizer_ckpt at the tokenizer it was trained with"
-            )
+            raise ValueError(f"this generator was trained with the tokenizer {saved.get('path')} (weights "
+                             f"{saved.get('fingerprint')}; {_sizes(saved)}), but model.init_args.tokenizer_ckpt now "
+                             f"gives {now['path']} with different weights ({now['fingerprint']}; {_sizes(now)}); point "
+                             "tokenizer_ckpt at the tokenizer it was trained with")
 
 
 def _resolve_init_from(path: str):
@@ -667,16 +616,9 @@ def _resolve_init_from(path: str):
         raise
 
 
-def _is_token_batch(x: torch.Tensor) -> bool:
-    """(B, L) integer token indices from a token cache, rather than (B, 3, H, W) float images."""
-    return x.dim() == 2 and not x.is_floating_point()
-
-
-def _first_mismatch(state: dict, current: dict) -> str:
-    for k, v in current.items():
-        if k in state and tuple(state[k].shape) != tuple(v.shape):
-            return f"(first mismatch: {k} {tuple(state[k].shape)} vs the generator's {tuple(v.shape)})"
-    return ""
+def _ignored(key: str, ignore: list[str]) -> bool:
+    """``key`` is one of the ``ignore`` parameters or inside one of its modules."""
+    return any(key == p or key.startswith(p + ".") for p in ignore)
 
 
 def _sizes(info: dict) -> str:
@@ -685,8 +627,8 @@ def _sizes(info: dict) -> str:
 
 def _ignore_missing_tokenizer_keys(module: nn.Module, incompatible_keys) -> None:
     """Strict loading accepts checkpoints without ``tokenizer.*`` (they never hold it)."""
-    keep = [k for k in incompatible_keys.missing_keys if not _clean(k).startswith("tokenizer.")]
-    incompatible_keys.missing_keys[:] = keep
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not _clean(k).startswith("tokenizer.")]
 
 
 __all__ = ["GeneratorArch", "GeneratorOptim", "SRDDModule", "WarmupLinearDecay", "token_cross_entropy", "var_loss"]
