@@ -9,24 +9,20 @@ from torch import nn
 
 
 class SmokeTestModule(pl.LightningModule):
-    """Class-conditional conv autoencoder; logs reconstruction loss. Not part of the method."""
+    """Class-conditional conv autoencoder; logs reconstruction loss. Not part of the method.
+
+    ``num_classes`` comes from the data index through the CLI (None: unconditional, one class)."""
 
     def __init__(self, num_classes: int | None = None, width: int = 16, lr: float = 1e-3):
-        """``num_classes`` comes from the data index through the CLI (None: unconditional, one class)."""
         super().__init__()
         self.save_hyperparameters()
-        num_classes = num_classes or 1
         self.enc = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.SiLU(), nn.Conv2d(width, width, 3, 1, 1))
-        self.cls = nn.Embedding(num_classes, width)
+        self.cls = nn.Embedding(num_classes or 1, width)
         self.dec = nn.Sequential(nn.SiLU(), nn.ConvTranspose2d(width, 3, 4, 2, 1))
 
-    def forward(self, img_B3HW: torch.Tensor, label_B: torch.Tensor) -> torch.Tensor:
-        h = self.enc(img_B3HW) + self.cls(label_B)[:, :, None, None]
-        return self.dec(h)
-
     def _loss(self, batch) -> torch.Tensor:
-        img, label = batch
-        return F.mse_loss(self(img, label), img)
+        img_B3HW, label_B = batch
+        return F.mse_loss(self.dec(self.enc(img_B3HW) + self.cls(label_B)[:, :, None, None]), img_B3HW)
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
