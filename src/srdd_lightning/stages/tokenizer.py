@@ -10,21 +10,16 @@ One training iteration (one batch x in [-1, 1]):
 λ = ‖∇_w L_rec‖ / ‖∇_w (−D(x̂))‖ at w = the decoder's last conv (taming's adaptive weight), and
 L_vq = β·‖sg[f_hat_k] − f‖² + ‖f_hat_k − sg[f]‖² on the cumulative f_hat after each scale k (the quantizer).
 
-**One backward, two optimizer steps.** L_G's adversarial term is built with D's parameters frozen and L_D
-sees sg[x̂], so L_G + L_D sends L_G's gradient only to the tokenizer and L_D's only to D: one backward, then
-both steps. That is the usual alternating G-step/D-step (D is unchanged during the G step, and the D step
-uses the same x̂), but every parameter receives its gradient in the single backward, so plain DDP works (no
-``find_unused_parameters``) and gradients are all-reduced once per iteration. **``trainer.global_step``
-counts iterations**: the tokenizer steps through Lightning's optimizer wrapper, the discriminator through the
-raw optimizer (fp16's GradScaler, the one thing the wrapper would add, is refused), so ``trainer.max_steps``,
-``checkpoint.every_n_train_steps``, ``loss.gan_start`` and ``restarts.every`` all count iterations.
+**One backward, two optimizer steps.** L_G's adversarial term is built with D frozen and L_D sees sg[x̂], so
+L_G + L_D sends L_G's gradient only to the tokenizer and L_D's only to D: the usual alternating G/D steps (D unchanged
+in the G step, the D step on the same x̂) in a single backward, so plain DDP works (no ``find_unused_parameters``, one
+all-reduce per iteration). **``trainer.global_step`` counts iterations**: the discriminator steps through the raw
+optimizer (fp16's GradScaler, the one thing Lightning's wrapper would add, is refused), so ``trainer.max_steps``,
+``checkpoint.every_n_train_steps``, ``loss.gan_start`` and ``restarts.every`` all count iterations. D trains from
+iteration 0; ``loss.gan_start`` switches on the generator's adversarial term, once D is a calibrated critic.
 
-**The discriminator trains from iteration 0**; ``loss.gan_start`` switches on the generator's adversarial term:
-by then D is a calibrated critic, and λ scales its gradient to the reconstruction's anyway.
-
-Validation runs on the EMA weights (``callbacks.ema``): loss terms, PSNR and SSIM (torchmetrics), per-scale
-codebook usage over the whole pass (hit counts summed over ranks), and a grid of validation images decoded
-after each scale. Precision: 32 or bf16-mixed.
+Validation runs on the EMA weights (``callbacks.ema``): loss terms, PSNR and SSIM (torchmetrics), per-scale codebook
+usage over the whole pass (summed over ranks) and a grid of images decoded after each scale. Precision: 32 or bf16.
 """
 
 from __future__ import annotations
@@ -44,27 +39,22 @@ from torchmetrics import MeanMetric
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from srdd_lightning.callbacks.ema import ema_weights, find_ema
-from srdd_lightning.loading import STAGE_KEY
 from srdd_lightning.models.discriminator import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from srdd_lightning.models.perceptual import build_lpips
 from srdd_lightning.models.quantizer import usage_from_hits
 from srdd_lightning.models.tokenizer import MultiScaleTokenizer, TokenizerConfig
+from srdd_lightning.stages.generator import INIT_FROM_OPTION, StageModule, _typed
 from srdd_lightning.utils.images import image_grid, save_png
 from srdd_lightning.utils.seeding import mix_seed
 
-INIT_FROM_OPTION = "model.init_args.init_from"
 _SCALE_DROPOUT, _RESTART = 1, 2  # what a derived seed is for (utils.seeding.mix_seed)
 
-
-# ---------------------------------------------------------------------------------------------
-# Options
-# ---------------------------------------------------------------------------------------------
+# ---- options ----------------------------------------------------------------------------------
 
 
 @dataclass
 class TokenizerLoss:
     """Weights of the tokenizer's losses (vaex / LlamaGen's recipe by default)."""
-
     l1: float = 0.2
     """Pixel L1."""
     l2: float = 1.0
@@ -89,7 +79,6 @@ class TokenizerLoss:
 @dataclass
 class DiscriminatorOptions:
     """The PatchGAN discriminator and its optimizer."""
-
     channels: int = 64
     """Width of its first layer."""
     layers: int = 3
@@ -103,7 +92,6 @@ class DiscriminatorOptions:
 @dataclass
 class TokenizerOptim:
     """AdamW of the tokenizer (the betas are shared with the discriminator)."""
-
     lr: float = 1e-4
     """Learning rate."""
     betas: tuple[float, float] = (0.5, 0.9)
@@ -122,7 +110,6 @@ class TokenizerOptim:
 @dataclass
 class CodeRestarts:
     """Dead-code restarts against the early-scale codebook collapse."""
-
     every: int = 0
     """Every N iterations, codes hit by no token (any scale, any rank) in those N iterations are re-initialised
     from current encoder residuals, equally many candidates per scale (0: off)."""
@@ -132,11 +119,6 @@ class CodeRestarts:
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ValueError(f"model.init_args.restarts.every must be >= 0, got {self.every}")
-
-
-def _typed(cls, value):
-    """A dataclass option given as a dict (a checkpoint's hyper_parameters, plain Python) or an instance."""
-    return value if isinstance(value, cls) else cls(**(value or {}))
 
 
 def _param_groups(module: nn.Module, name: str, weight_decay: float, no_decay: Sequence[nn.Parameter] = ()) -> list[dict]:
@@ -173,7 +155,6 @@ def _frozen(module: nn.Module) -> Iterator[None]:
 @dataclass
 class GANLosses:
     """What one training forward produced: the two losses (disjoint gradients), and what logging/restarts need."""
-
     loss_g: torch.Tensor
     loss_d: torch.Tensor
     f_BChw: torch.Tensor
@@ -182,14 +163,12 @@ class GANLosses:
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------------------------------------
-# The LightningModule
-# ---------------------------------------------------------------------------------------------
+# ---- the LightningModule ----------------------------------------------------------------------
 
 _VAL_TERMS = ("l1", "l2", "vq", "lpips", "psnr", "ssim")
 
 
-class TokenizerModule(pl.LightningModule):
+class TokenizerModule(StageModule):
     """Trains a ``MultiScaleTokenizer`` (``self.tokenizer``) with L1/L2, VQ, LPIPS and a PatchGAN hinge loss.
 
     Checkpoint contract (the generator stage and the sampler rely on it, ``loading.load_tokenizer``):
@@ -197,13 +176,11 @@ class TokenizerModule(pl.LightningModule):
     (the EMA when the run had one, the trained weights then in ``current_model_state``).
 
     Args:
-        tokenizer: The tokenizer's architecture and quantizer (defaults: VAR's released vae_ch160v4096z32;
-            the presets of ``models/tokenizer.py`` spelled out in experiments/*/tokenizer.yaml).
-        image_size: Image side of the data; filled in by the CLI from the data and checked against
-            ``tokenizer.image_size`` (leave unset).
-        init_from: Start from these weights instead of a random init: VAR's released ``vae_ch160v4096z32.pth``
-            (the fine-tune path) or a TokenizerModule checkpoint / run folder (its EMA weights). Applied at setup;
-            a resumed run then loads its own checkpoint over it.
+        tokenizer: The tokenizer's architecture and quantizer (defaults: VAR's released vae_ch160v4096z32; the
+            presets of ``models/tokenizer.py`` spelled out in experiments/*/tokenizer.yaml).
+        image_size: Image side of the data; filled in by the CLI and checked against ``tokenizer.image_size``.
+        init_from: Start from VAR's released ``vae_ch160v4096z32.pth`` (the fine-tune path) or a TokenizerModule
+            checkpoint / run folder (its EMA weights), at setup; a resumed run loads its own checkpoint over it.
         loss: Loss weights and the LPIPS backbone file.
         discriminator: The PatchGAN and its optimizer.
         optim: The tokenizer's optimizer and gradient clipping.
@@ -211,17 +188,10 @@ class TokenizerModule(pl.LightningModule):
         num_grid_images: Fixed validation images in the reconstruction grid (0: no grid).
     """
 
-    def __init__(
-        self,
-        tokenizer: TokenizerConfig = TokenizerConfig(),
-        image_size: int | None = None,
-        init_from: str | None = None,
-        loss: TokenizerLoss = TokenizerLoss(),
-        discriminator: DiscriminatorOptions = DiscriminatorOptions(),
-        optim: TokenizerOptim = TokenizerOptim(),
-        restarts: CodeRestarts = CodeRestarts(),
-        num_grid_images: int = 8,
-    ):
+    def __init__(self, tokenizer: TokenizerConfig = TokenizerConfig(), image_size: int | None = None,
+                 init_from: str | None = None, loss: TokenizerLoss = TokenizerLoss(),
+                 discriminator: DiscriminatorOptions = DiscriminatorOptions(), optim: TokenizerOptim = TokenizerOptim(),
+                 restarts: CodeRestarts = CodeRestarts(), num_grid_images: int = 8):
         super().__init__()
         cfg = _typed(TokenizerConfig, tokenizer)
         self.loss_opts, self.disc_opts = _typed(TokenizerLoss, loss), _typed(DiscriminatorOptions, discriminator)
@@ -232,19 +202,17 @@ class TokenizerModule(pl.LightningModule):
             self.hparams[name] = dataclasses.asdict(value)  # plain values: the checkpoint loads with weights_only
         self.automatic_optimization = False
         if image_size is not None and image_size != cfg.image_size:
-            raise ValueError(
-                f"model.init_args.image_size={image_size} (the data's image size) disagrees with "
-                f"model.init_args.tokenizer.image_size={cfg.image_size}; pack or resize the data (data.resolution) to "
-                f"{cfg.image_size} px, or set tokenizer.image_size (and a matching tokenizer.patch_nums)"
-            )
+            raise ValueError(f"model.init_args.image_size={image_size} (the data's image size) disagrees with "
+                             f"model.init_args.tokenizer.image_size={cfg.image_size}; pack or resize the data "
+                             f"(data.resolution) to {cfg.image_size} px, or set tokenizer.image_size (and a matching "
+                             "tokenizer.patch_nums)")
         if num_grid_images < 0:
             raise ValueError(f"model.init_args.num_grid_images must be >= 0, got {num_grid_images}")
         disc_min = 3 * 2**self.disc_opts.layers
         if cfg.image_size < disc_min:
-            raise ValueError(
-                f"model.init_args.discriminator.layers={self.disc_opts.layers} needs images of at least {disc_min} px, "
-                f"but model.init_args.tokenizer.image_size is {cfg.image_size}; lower discriminator.layers"
-            )
+            raise ValueError(f"model.init_args.discriminator.layers={self.disc_opts.layers} needs images of at least "
+                             f"{disc_min} px, but model.init_args.tokenizer.image_size is {cfg.image_size}; lower "
+                             "discriminator.layers")
 
         self.tokenizer = MultiScaleTokenizer(cfg)
         self.discriminator = PatchDiscriminator(cfg.image_channels, self.disc_opts.channels, self.disc_opts.layers)
@@ -260,8 +228,6 @@ class TokenizerModule(pl.LightningModule):
         # out of checkpoints (and of the EMA's copy), and loading a checkpoint does not need the weight file.
         object.__setattr__(self, "_lpips", None)
 
-    # ----- properties ----------------------------------------------------------------------------
-
     @property
     def iteration(self) -> int:
         """Training iterations done (batches) = trainer.global_step, restored on resume."""
@@ -271,14 +237,11 @@ class TokenizerModule(pl.LightningModule):
     def patch_nums(self) -> tuple[int, ...]:
         return self.tokenizer.patch_nums
 
-    # ----- setup: precision, initial weights, LPIPS ----------------------------------------------
-
     def setup(self, stage: str) -> None:
         if self._trainer is not None and str(self.trainer.precision) in ("16-mixed", "16"):
-            raise ValueError(
-                f"trainer.precision={self.trainer.precision} is not supported by TokenizerModule: fp16's GradScaler "
-                f"cannot be shared by its two optimizers after one backward; use bf16-mixed or 32-true"
-            )
+            raise ValueError(f"trainer.precision={self.trainer.precision} is not supported by TokenizerModule: fp16's "
+                             "GradScaler cannot be shared by its two optimizers after one backward; use bf16-mixed or "
+                             "32-true")
         if self.hparams.init_from and not self._weights_set:
             self.load_initial_weights(self.hparams.init_from)
         if self.loss_opts.lpips > 0 and self._lpips is None:
@@ -365,9 +328,8 @@ class TokenizerModule(pl.LightningModule):
         opt_g.zero_grad()
         opt_d.zero_grad()
         self.manual_backward(out.loss_g + out.loss_d)  # disjoint gradients: see the module docstring
-        clip = self.optim.grad_clip
-        for opt in (opt_g, opt_d):
-            if clip > 0:
+        if (clip := self.optim.grad_clip) > 0:
+            for opt in (opt_g, opt_d):
                 self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
         opt_g.step()
         opt_d.optimizer.step()  # the raw optimizer: global_step counts iterations (see the module docstring)
@@ -470,7 +432,11 @@ class TokenizerModule(pl.LightningModule):
         self.log("val_psnr", metrics["val/psnr"], prog_bar=True, logger=False)
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
         if self.trainer.is_global_zero and not self.trainer.sanity_checking and self._grid_images is not None:
-            self._log_grid(self.reconstruction_grid(self._grid_images), run_dir)
+            from srdd_lightning.callbacks.samples import log_image
+
+            grid = self.reconstruction_grid(self._grid_images)  # to the loggers and <run>/reconstructions/step_<k>.png
+            save_png(grid, run_dir / "reconstructions" / f"step_{self.global_step}.png")
+            log_image(self.trainer, "val/reconstruction", grid, self.global_step)
 
     @torch.no_grad()
     def reconstruction_grid(self, img_B3HW: torch.Tensor) -> torch.Tensor:
@@ -480,31 +446,6 @@ class TokenizerModule(pl.LightningModule):
         cols = [img_B3HW] + [tok.decode(f) for f in fhats]
         x = torch.stack(cols, dim=1).flatten(0, 1)
         return image_grid(x, nrow=len(cols), upscale=max(1, 64 // img_B3HW.shape[-1]))
-
-    def _log_grid(self, grid: torch.Tensor, run_dir: Path) -> None:
-        """Rows: input | after scale 1 | … | final (see ``reconstruction_grid``), at the current iteration: to the
-        run's loggers and as ``<run>/reconstructions/step_<k>.png``."""
-        from srdd_lightning.callbacks.samples import log_image
-
-        save_png(grid, run_dir / "reconstructions" / f"step_{self.global_step}.png")
-        log_image(self.trainer, "val/reconstruction", grid, self.global_step)
-
-    # ----- checkpoints ---------------------------------------------------------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        cls = type(self)
-        checkpoint[STAGE_KEY] = f"{cls.__module__}.{cls.__qualname__}"
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.check_checkpoint(checkpoint)
-        self._weights_set = True  # a later setup() must not re-apply init_from over these weights
-
-    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint written by another stage (e.g. a generator's), naming both."""
-        stage, cls = checkpoint.get(STAGE_KEY), type(self)
-        if stage is not None and stage != f"{cls.__module__}.{cls.__qualname__}":
-            raise ValueError(f"the checkpoint was written by {stage}, not by {cls.__qualname__}: give a "
-                             f"{cls.__qualname__} checkpoint (a run of the same stage)")  # fmt: skip
 
 
 __all__ = ["CodeRestarts", "DiscriminatorOptions", "GANLosses", "TokenizerLoss", "TokenizerModule", "TokenizerOptim",
