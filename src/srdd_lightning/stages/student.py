@@ -1,29 +1,24 @@
 """Fewer-scale students (DESIGN §2.5): a generator on a shorter schedule, started from and trained by a frozen teacher.
 
-A Markov generator predicts each scale from the state before it alone, so a student may jump between fewer states
-of the same chain: schedule S = (s_0, …, s_{J−1}), a subset of the teacher's T = (t_0, …, t_{K−1}) ending at its last
-scale (``scales.subset_indices``). The student has the teacher's blocks; its scale of size pn starts from the level
-embedding row and position-embedding slice of the teacher's scale of size pn (``take_scales``). Its targets are the
-chain M_S(j)·x_0 of a clean latent x_0 on S (``quantizer.quantize(x_0, S)``), with x_0 either
+A Markov generator predicts each scale from the state before it alone, so a student may jump between fewer states of
+the same chain: schedule S = (s_0, …, s_{J−1}), a subset of the teacher's T = (t_0, …, t_{K−1}) ending at its last
+scale, with the teacher's blocks and, per scale, the level / position embeddings of the teacher's scale of that size
+(``take_scales``). Its targets are the chain M_S(j)·x_0 of a clean latent x_0 on S (``quantizer.quantize(x_0, S)``):
 
     targets: data     x_0 = encoder(image)                                    (fine-tuning on real data)
     targets: teacher  x_0 = f̂_T = tokens_to_fhat(teacher sample on T)        (sequence-level distillation)
 
-the teacher sampling with ``teacher_sampling`` (cfg, top-k, top-p of the best table row), labels from the batch and
-per-sample seeds from the module's training generator (a resumed run draws the same samples). With ``soft_weight``
-λ > 0 the loss adds λ · Σ_l (1/L) KL(p_T ‖ p_S) over the tokens of the scales where the student's state *is* a teacher
-state. Student scale j sees area_down(M_S(j−1)·x_0, s_j); the teacher's scale i of the same size sees
-area_down(M_T(i−1)·x_0, t_i). The residual re-quantization makes the same steps on both schedules exactly as long as
-they agree, so the two inputs (and targets) are equal iff s_0..s_j = t_0..t_j — the schedules' common prefix, which
-always holds for the first scale (the start token) when both start at the same size and, e.g., covers 1×1 and 2×2 of
-1-2-4-8 under 1-2-3-4-6-8, but only 1×1 of 1-3-6-8. p_T is the teacher's plain softmax (T = 1, no filtering) on M_T·x_0.
+the teacher sampling with ``teacher_sampling``, labels from the batch, per-sample seeds from the step's generator. With
+``soft_weight`` λ > 0 the loss adds λ · Σ_l (1/L) KL(p_T ‖ p_S) (p_T: the teacher's plain softmax on M_T·x_0) over the
+scales whose input *is* a teacher state. Student scale j sees area_down(M_S(j−1)·x_0, s_j), the teacher's scale i of
+the same size area_down(M_T(i−1)·x_0, t_i); re-quantization makes the same steps on both schedules as long as they
+agree, so the inputs (and targets) are equal iff s_0..s_j = t_0..t_j — the common prefix (1×1 and 2×2 of 1-2-4-8
+under 1-2-3-4-6-8, only 1×1 of 1-3-6-8).
 
-The teacher is frozen and used only while training: it is loaded at setup from ``teacher_ckpt`` (with the student's
-tokenizer, whose fingerprint must be the one the teacher was trained with), kept out of the module's registered
-submodules — so it is in no checkpoint, no optimizer, no EMA copy, no DDP/FSDP wrapper — and moved with the module
-(``_apply``). Its resolved path and weight fingerprint are recorded in the student's checkpoints; a resumed run whose
-``teacher_ckpt`` now holds other weights is refused. ``srdd sample`` loads a student like any generator, without the
-teacher. Validation measures the student on real data re-quantized onto its schedule, the same for both targets.
+The teacher is loaded at setup (with the student's tokenizer, whose fingerprint must be the teacher's), kept out of the
+registered submodules — so in no checkpoint, optimizer, EMA copy or DDP/FSDP wrapper — and moved with the module
+(``_apply``); its path and fingerprint are recorded, and a resumed run whose ``teacher_ckpt`` now holds other weights is
+refused. ``srdd sample`` loads a student like any generator. Validation uses real data re-quantized onto S.
 """
 
 from __future__ import annotations
@@ -34,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from srdd_lightning.loading import fingerprint, load_generator, read_checkpoint, resolve_checkpoint
-from srdd_lightning.models.scales import flatten_tokens, num_tokens, subset_indices
+from srdd_lightning.models.scales import num_tokens, subset_indices
 from srdd_lightning.models.transformer import VARTransformer
 from srdd_lightning.sampling.config import SamplingConfig
 from srdd_lightning.stages.generator import GeneratorArch, GeneratorOptim, SRDDModule, _typed, token_cross_entropy
@@ -46,10 +41,7 @@ BEST_ROW_SAMPLING = SamplingConfig(cfg=0.0, top_k=900, top_p=0.96)  # the digits
 
 def coincident_scales(student: tuple[int, ...], teacher: tuple[int, ...]) -> int:
     """How many leading student scales have exactly a teacher state as input: the schedules' common prefix."""
-    n = 0
-    while n < min(len(student), len(teacher)) and student[n] == teacher[n]:
-        n += 1
-    return n
+    return next((i for i, (s, t) in enumerate(zip(student, teacher)) if s != t), min(len(student), len(teacher)))
 
 
 class StudentModule(SRDDModule):
@@ -84,27 +76,14 @@ class StudentModule(SRDDModule):
         SRDDModule.check_init_args({**init_args, "init_from": None if init_args.get("init_from") == "teacher"
                                     else init_args.get("init_from")})  # fmt: skip
 
-    def __init__(
-        self,
-        tokenizer_ckpt: str,
-        teacher_ckpt: str,
-        schedule: list[int],
-        targets: Literal["data", "teacher"] = "teacher",
-        teacher_sampling: SamplingConfig = BEST_ROW_SAMPLING,
-        soft_weight: float = 0.0,
-        init_from: str | None = "teacher",
-        teacher_ema: bool = True,
-        generator: str | None = None,
-        architecture: GeneratorArch | None = None,
-        attn: Literal["markov", "causal", "markov_prev"] | None = None,
-        num_classes: int | None = None,
-        image_size: int | None = None,
-        cond_drop: float = 0.1,
-        label_smoothing: float = 0.0,
-        optim: GeneratorOptim = GeneratorOptim(),
-        tokenizer_ema: bool = True,
-        init_from_ignore: list[str] | None = None,
-    ):
+    def __init__(self, tokenizer_ckpt: str, teacher_ckpt: str, schedule: list[int],
+                 targets: Literal["data", "teacher"] = "teacher", teacher_sampling: SamplingConfig = BEST_ROW_SAMPLING,
+                 soft_weight: float = 0.0, init_from: str | None = "teacher", teacher_ema: bool = True,
+                 generator: str | None = None, architecture: GeneratorArch | None = None,
+                 attn: Literal["markov", "causal", "markov_prev"] | None = None, num_classes: int | None = None,
+                 image_size: int | None = None, cond_drop: float = 0.1, label_smoothing: float = 0.0,
+                 optim: GeneratorOptim = GeneratorOptim(), tokenizer_ema: bool = True,
+                 init_from_ignore: list[str] | None = None):
         if soft_weight < 0:
             raise ValueError(f"model.init_args.soft_weight={soft_weight} must be >= 0")
         if None in (generator, architecture, attn):  # the teacher's architecture (a checkpoint records it resolved)
@@ -199,15 +178,6 @@ class StudentModule(SRDDModule):
         out = Sampler(self.teacher, self.tokenizer).sample(label_B, self.teacher_sampling, seeds=seeds)
         return self.tokenizer.tokens_to_fhat(out.tokens, out.schedule)
 
-    @torch.no_grad()
-    def chain_targets(self, x0_BChw: torch.Tensor, patch_nums=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens gt_BL of M(·)·x_0 on ``patch_nums`` (default: the student's) and the teacher-forcing inputs x_BLC."""
-        pns = self.patch_nums if patch_nums is None else tuple(patch_nums)
-        with torch.autocast(device_type=x0_BChw.device.type, enabled=False):
-            tokens = self.tokenizer.quantizer.quantize(x0_BChw.float(), pns).tokens
-            x_BLC = self.tokenizer.teacher_forcing_inputs(tokens, pns)
-        return flatten_tokens(tokens), x_BLC
-
     def soft_loss(self, x0_BChw: torch.Tensor, label_B: torch.Tensor, logits_BLV: torch.Tensor) -> torch.Tensor:
         """Σ_l (1/L) KL(p_T ‖ p_S) over the tokens of the coincident scales (the common prefix), mean over the batch."""
         t_pns = self.teacher.patch_nums
@@ -241,8 +211,7 @@ class StudentModule(SRDDModule):
         if self._kl is not None:
             kl, self._kl = self._kl, None
             loss = loss + self.hparams.soft_weight * kl
-            B = batch[1].shape[0]
-            self.log_dict({"train/kl_teacher": kl, "train/objective": loss}, batch_size=B)
+            self.log_dict({"train/kl_teacher": kl, "train/objective": loss}, batch_size=batch[1].shape[0])
         return loss
 
     # ---- checkpoints: the teacher is referenced, not stored -----------------------------------------
@@ -262,11 +231,10 @@ class StudentModule(SRDDModule):
     def _check_teacher(self) -> None:
         saved, now = getattr(self, "_recorded_teacher", None), self.teacher_info
         if saved and now and saved.get("fingerprint") != now["fingerprint"]:
-            raise ValueError(
-                f"this student was distilled from the teacher {saved.get('path')} (weights {saved.get('fingerprint')}), "
-                f"but {TEACHER_OPTION} now gives {now['path']} with different weights ({now['fingerprint']}); point "
-                f"teacher_ckpt at the teacher it was trained with (a resumed run reads teacher_ckpt from its checkpoint)"
-            )
+            raise ValueError(f"this student was distilled from the teacher {saved.get('path')} (weights "
+                             f"{saved.get('fingerprint')}), but {TEACHER_OPTION} now gives {now['path']} with "
+                             f"different weights ({now['fingerprint']}); point teacher_ckpt at the teacher it was "
+                             "trained with (a resumed run reads teacher_ckpt from its checkpoint)")
 
 
 __all__ = ["BEST_ROW_SAMPLING", "CKPT_TEACHER_KEY", "StudentModule", "coincident_scales"]
