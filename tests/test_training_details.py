@@ -73,7 +73,7 @@ def test_per_scale_loss_and_accuracy_are_logged(tok_run):
     m.log = lambda name, value, **kw: logged.__setitem__(name, value)
     m.log_dict = lambda d, **kw: logged.update(d)
     batch = _batch()
-    m._eval_step(batch, "val")
+    m.validation_step(batch, 0)
     ce_BL, logits_BLV, gt_BL = m._forward_loss(batch, None)
     start = 0
     for pn in m.patch_nums:

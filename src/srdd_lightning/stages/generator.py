@@ -6,12 +6,10 @@ cache of its fingerprint and schedule, ``srdd data tokenize``), every scale is p
     loss = mean_b  sum_l (1/L) · CE(logits_bl, r_bl)          (the Markov chain's ELBO, DESIGN §2.2)
 
 with AdamW, VAR's warmup and ``lin0`` decay, gradient clipping and label dropout to the null class (classifier-free
-guidance); validation, grids and FID use the ``ema`` callback's weights. The tokenizer is frozen and not saved: it is
-reloaded from ``tokenizer_ckpt``, whose file and weight fingerprint the checkpoint records, so a generator cannot
-silently meet another tokenizer. ``init_from`` (VAR's ``var_d*.pth`` or another run; any mask, any subset schedule)
-is applied once at setup. A step's randomness (label dropout, drop-path) comes from one CPU generator seeded per
-micro-batch from (run seed, rank, optimizer step, batch index), so a resumed run draws what an uninterrupted one
-would. Strategies: DDP, bf16-mixed, and FSDP through ``strategies.GeneratorFSDP`` (the tokenizer an ignored module).
+guidance); validation, grids and FID use the ``ema`` callback's weights. The frozen tokenizer is not saved but reloaded
+from ``tokenizer_ckpt``, whose file and fingerprint the checkpoint records. A step's randomness (label dropout,
+drop-path) comes from one CPU generator seeded per micro-batch from (run seed, rank, optimizer step, batch index), so a
+resumed run draws what an uninterrupted one would. DDP, bf16-mixed, FSDP (``strategies.GeneratorFSDP``).
 """
 
 from __future__ import annotations
@@ -511,26 +509,20 @@ class SRDDModule(StageModule):
         self._tokenizer_to_device()
         self._val_hits_V = None
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self.validation_step(batch, batch_idx, prefix="test")
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        self.on_validation_epoch_end(prefix="test")
 
-    def _eval_step(self, batch, prefix: str) -> None:
+    def validation_step(self, batch, batch_idx: int, *, prefix: str = "val") -> None:
         ce_BL, logits_BLV, gt_BL = self._forward_loss(batch, None)
         metrics, hits_V = self._metrics(prefix, ce_BL, logits_BLV, gt_BL)
         self._val_hits_V = hits_V if self._val_hits_V is None else self._val_hits_V | hits_V
         self.log(f"{prefix}/loss", var_loss(ce_BL), prog_bar=True, sync_dist=True, batch_size=gt_BL.shape[0])
         self.log_dict(metrics, sync_dist=True, batch_size=gt_BL.shape[0])
 
-    def _eval_epoch_end(self, prefix: str) -> None:
+    def on_validation_epoch_end(self, *, prefix: str = "val") -> None:
         """The share of the codebook the model predicts anywhere in the whole pass (summed over ranks)."""
         hits_V = self._val_hits_V
         if hits_V is None:  # this rank saw no batch
