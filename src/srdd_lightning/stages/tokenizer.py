@@ -133,11 +133,9 @@ def _param_groups(module: nn.Module, name: str, weight_decay: float, no_decay: S
 
 def scale_hits(tokens: Sequence[torch.Tensor], vocab_size: int) -> torch.Tensor:
     """(K, V) float hit counts per scale, ignoring -1 (dropped scales); no device sync, unlike bincount."""
-    rows = []
-    for t in tokens:
-        t = t.reshape(-1)
-        rows.append(torch.zeros(vocab_size, device=t.device).scatter_add_(0, t.clamp_min(0).long(), (t >= 0).float()))
-    return torch.stack(rows)
+    flat = [t.reshape(-1) for t in tokens]
+    zeros = [torch.zeros(vocab_size, device=t.device) for t in flat]
+    return torch.stack([z.scatter_add_(0, t.clamp_min(0).long(), (t >= 0).float()) for z, t in zip(zeros, flat)])
 
 
 @contextmanager
@@ -369,12 +367,9 @@ class TokenizerModule(StageModule):
         q = self.tokenizer.quantizer
         cap = math.ceil(q.vocab_size / len(q.patch_nums))
         gen = torch.Generator().manual_seed(mix_seed(self._seed, _RESTART, iteration, 1))
-        per_scale = []
-        for z_BChw in q.quantize(f_BChw).residuals:
-            z_NC = z_BChw.permute(0, 2, 3, 1).reshape(-1, q.dim)
-            pick = torch.randperm(z_NC.shape[0], generator=gen)[:cap]
-            per_scale.append(z_NC[pick.to(z_NC.device)])
-        return self.all_gather(torch.cat(per_scale)).reshape(-1, q.dim)
+        z_NC = [z_BChw.permute(0, 2, 3, 1).reshape(-1, q.dim) for z_BChw in q.quantize(f_BChw).residuals]
+        picked = [z[torch.randperm(z.shape[0], generator=gen)[:cap].to(z.device)] for z in z_NC]  # one draw per scale
+        return self.all_gather(torch.cat(picked)).reshape(-1, q.dim)
 
     def configure_optimizers(self):
         o, d = self.optim, self.disc_opts
