@@ -249,6 +249,12 @@ def test_the_policy_refuses_a_generator_with_other_weights(runs, ckpts):
     assert recorded in str(e.value) and str(ckpts["other"]) in str(e.value)
 
 
+def test_the_policy_refuses_another_stages_checkpoint(runs, ckpts):
+    policy = load_stage(runs["critic"])
+    with pytest.raises(ValueError, match=r"written by srdd_lightning\.stages\.generator\.SRDDModule, not by Resampl"):
+        policy.check_checkpoint(torch.load(ckpts["gen"], map_location="cpu", weights_only=True))
+
+
 # --------------------------------------------------------------------------------------------
 # srdd sample --policy_ckpt
 # --------------------------------------------------------------------------------------------

@@ -58,8 +58,9 @@ def _typed(cls, value):
     return value if isinstance(value, cls) else cls(**(value or {}))
 
 
-class StageModule(pl.LightningModule):
-    """A stage whose checkpoints name the class that wrote them (``STAGE_KEY``), refused by any other stage."""
+class StageModule:
+    """Mixin of a stage (before ``pl.LightningModule`` in its bases) whose checkpoints name the class that wrote them
+    (``STAGE_KEY``) and are refused by any other stage; a plain class, so LightningCLI does not offer it as a model."""
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)
@@ -183,7 +184,7 @@ class WarmupLinearDecay:
 # ---- the stage --------------------------------------------------------------------------------
 
 
-class SRDDModule(StageModule):
+class SRDDModule(StageModule, pl.LightningModule):
     """Stage 2: train VAR's next-scale generator (``attn=causal``) or SRDD's Markov form (``attn=markov``).
 
     Args:

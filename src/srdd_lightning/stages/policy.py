@@ -44,13 +44,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from srdd_lightning.callbacks.ema import ema_weights
-from srdd_lightning.loading import (STAGE_KEY, fingerprint, load_generator, load_stage, read_checkpoint,
-                                    resolve_checkpoint, stage_class, stage_state)
+from srdd_lightning.loading import (fingerprint, load_generator, load_stage, read_checkpoint, resolve_checkpoint,
+                                    stage_class, stage_state)
 from srdd_lightning.models.policy import (StepPolicyConfig, StepPolicyNet, TokenCriticConfig, TokenCriticNet,
                                           token_features)
 from srdd_lightning.sampling.config import RESAMPLE_MODES, SampleOutput, SamplingConfig
 from srdd_lightning.sampling.sampler import (RefineDecision, Sampler, ScaleStats, draw_tokens, guided_logits,
                                              sampling_probs, scale_settings)
+from srdd_lightning.stages.generator import StageModule, _typed
 from srdd_lightning.utils.images import to_uint8
 from srdd_lightning.utils.seeding import mix_seed
 
@@ -155,10 +156,6 @@ def _gaussian_kernel(a_ND: torch.Tensor, b_MD: torch.Tensor, bandwidth: float) -
     return torch.cdist(a_ND.float(), b_MD.float()).pow(2).div(-2.0 * bandwidth**2).exp()
 
 
-def _typed(cls, value):
-    return value if isinstance(value, cls) else cls(**(value or {}))
-
-
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -249,7 +246,7 @@ class PolicySampler:
 
 
 # ---- the stage -------------------------------------------------------------------------------
-class ResamplingPolicyModule(pl.LightningModule):
+class ResamplingPolicyModule(StageModule, pl.LightningModule):
     """Stage 3: learn where a frozen generator's refinement is spent (see the module docstring).
 
     Args:
@@ -627,12 +624,8 @@ class ResamplingPolicyModule(pl.LightningModule):
 
     # ---- checkpoints: the generator is referenced, not stored -----------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[STAGE_KEY] = _class_path(type(self))
+        super().on_save_checkpoint(checkpoint)
         checkpoint[CKPT_GENERATOR_KEY] = dict(self.generator_info)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.check_checkpoint(checkpoint)
-        self._weights_set = True
 
     def _check_generator(self, checkpoint: dict[str, Any], what: str) -> None:
         now = self.generator_info
@@ -642,9 +635,7 @@ class ResamplingPolicyModule(pl.LightningModule):
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another stage, or one trained on another generator (both named)."""
-        stage = checkpoint.get(STAGE_KEY)
-        if stage is not None and stage != _class_path(type(self)):
-            raise ValueError(f"the checkpoint was written by {stage}, not by {type(self).__qualname__}")
+        super().check_checkpoint(checkpoint)
         self._check_generator(checkpoint, "this policy")
 
 

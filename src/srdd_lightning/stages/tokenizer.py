@@ -166,7 +166,7 @@ class GANLosses:
 _VAL_TERMS = ("l1", "l2", "vq", "lpips", "psnr", "ssim")
 
 
-class TokenizerModule(StageModule):
+class TokenizerModule(StageModule, pl.LightningModule):
     """Trains a ``MultiScaleTokenizer`` (``self.tokenizer``) with L1/L2, VQ, LPIPS and a PatchGAN hinge loss.
 
     Checkpoint contract (the generator stage and the sampler rely on it, ``loading.load_tokenizer``):
