@@ -390,7 +390,8 @@ def sample_to_folder(
         progress: Show a progress bar and a final line (rank 0).
         timeout: Seconds a process waits for the others at a collective (torch.distributed's timeout).
         policy_ckpt: A stage-3 resampling policy (ResamplingPolicyModule) checkpoint or run folder; its per-sample,
-            per-scale decisions replace --resample/--refine_steps/--p_resample. Refused unless trained on --ckpt, --ema.
+            per-scale decisions replace --resample/--refine_steps/--p_resample. One trained on other generator
+            weights (--ckpt with --ema) is refused.
     """
     from tqdm import tqdm
 
