@@ -149,13 +149,13 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Lightning raises SIGTERMException at the end of a step: the state is whole, so it is saved
-        if isinstance(exception, SIGTERMException) and not trainer.sanity_checking \
-                and self._last_global_step_saved != trainer.global_step:
+        if (isinstance(exception, SIGTERMException) and not trainer.sanity_checking
+                and self._last_global_step_saved != trainer.global_step):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer) \
-                and self._last_global_step_saved != trainer.global_step:
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
+                and self._last_global_step_saved != trainer.global_step):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
 

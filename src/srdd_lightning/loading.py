@@ -47,8 +47,9 @@ def resolve_checkpoint(path: str | os.PathLike, option: str | None = None) -> Pa
     if p.is_dir():
         versions = sorted(((int(m[1]), d) for d in p.iterdir() if d.is_dir() and (m := _VERSION.fullmatch(d.name))),
                           reverse=True)
-        candidates = [p / "last.ckpt"] * (p.name == "checkpoints") + [p / "checkpoints" / "last.ckpt"]
-        for last in candidates + [d / "checkpoints" / "last.ckpt" for _, d in versions]:
+        candidates = [p / "last.ckpt"] if p.name == "checkpoints" else []  # given .../version_k/checkpoints itself
+        candidates += [p / "checkpoints" / "last.ckpt"] + [d / "checkpoints" / "last.ckpt" for _, d in versions]
+        for last in candidates:
             if last.is_file():
                 return last
         looked = [str(p / "checkpoints" / "last.ckpt"), str(p / "version_*" / "checkpoints" / "last.ckpt")]
@@ -85,8 +86,8 @@ def read_checkpoint(path: str | os.PathLike, option: str | None = None, allow_pi
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         msg = str(e)
         first = (msg.splitlines() or [type(e).__name__])[0]  # a cut legacy file gives a bare EOFError
-        if any(s in msg for s in ("failed finding central directory", "unexpected EOF", "corrupted", "truncated")) \
-                or isinstance(e, EOFError):
+        if (any(s in msg for s in ("failed finding central directory", "unexpected EOF", "corrupted", "truncated"))
+                or isinstance(e, EOFError)):
             raise CheckpointError(f"{file}{where} is truncated or corrupt ({first}); use another checkpoint") from None
         raise CheckpointError(f"{file}{where} is not a PyTorch checkpoint ({first})") from None
 
@@ -139,8 +140,8 @@ def _build_stage(file: Path, ckpt: Any, expect: type | None, ema: bool, option: 
 def is_tokenizer_module_checkpoint(ckpt: Any) -> bool:
     """A ``TokenizerModule`` checkpoint: its hyper_parameters hold the tokenizer's config, weights ``tokenizer.*``."""
     hp, sd = (ckpt.get("hyper_parameters"), ckpt.get("state_dict")) if isinstance(ckpt, Mapping) else (None, None)
-    return isinstance(hp, Mapping) and isinstance(hp.get("tokenizer"), Mapping) and isinstance(sd, Mapping) \
-        and any(k.startswith("tokenizer.") for k in sd)
+    return (isinstance(hp, Mapping) and isinstance(hp.get("tokenizer"), Mapping) and isinstance(sd, Mapping)
+            and any(k.startswith("tokenizer.") for k in sd))
 
 
 def resolve_tokenizer_checkpoint(path: str | os.PathLike, option: str = TOKENIZER_OPTION) -> Path:
@@ -171,8 +172,8 @@ def load_tokenizer(path: str | os.PathLike, ema: bool = True, option: str = TOKE
             raise CheckpointError(f"{file} ({option}): its tokenizer weights do not fit its recorded config {config}: {e}") from e
         info.update(kind="tokenizer_module", config=config, ema=ema and CURRENT_KEY in ckpt,
                     global_step=ckpt.get("global_step"))
-    elif isinstance(ckpt, Mapping) and "quantize.embedding.weight" in ckpt \
-            and any(k.startswith("decoder.") for k in ckpt):  # VAR's VQVAE state dict
+    elif (isinstance(ckpt, Mapping) and "quantize.embedding.weight" in ckpt
+          and any(k.startswith("decoder.") for k in ckpt)):  # VAR's VQVAE state dict
         from srdd_lightning.models import var_import
 
         tokenizer = var_import.load_var_vae(ckpt, option=option)

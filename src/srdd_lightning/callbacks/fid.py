@@ -11,6 +11,7 @@ An in-training monitor: table numbers come from ``srdd sample`` → ``srdd evalu
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -202,7 +203,7 @@ class FIDCallback(pl.Callback):
         # reconstruct: the first num_samples validation images in shard order (independent of the world size)
         recon = getattr(pl_module, "reconstruct", None) or pl_module.tokenizer.reconstruct
         total = min(self.num_samples, self._index.split("val").total)
-        shards = lambda: ValShards(self._index.shard_paths("val"), self._resolution(trainer))  # noqa: E731
+        shards = functools.partial(ValShards, self._index.shard_paths("val"), self._resolution(trainer))
         val, pad = enumerate(shards()), None
         for idx, real in self._batches(rank, world, total):
             if not real:  # equal forward passes on every rank: reconstruct a repeated image, drop the result

@@ -125,9 +125,10 @@ class ShardIndex:
                              f"`srdd data tokenize --data {root} --tokenizer RUN --out FOLDER`")  # fmt: skip
         try:
             splits = {k: SplitInfo(_shards(v["shards"])) for k, v in raw["splits"].items()}
-            index = cls(str(raw["name"]), _positive_int(raw["resolution"]), [str(c) for c in raw["classes"]], splits,
-                        str(raw.get("source", "")), dict(raw.get("extra", {})), root,
-                        _token_entry(raw["tokens"]) if is_cache else None)  # fmt: skip
+            index = cls(name=str(raw["name"]), resolution=_positive_int(raw["resolution"]),
+                        classes=[str(c) for c in raw["classes"]], splits=splits, source=str(raw.get("source", "")),
+                        extra=dict(raw.get("extra", {})), root=root,
+                        tokens=_token_entry(raw["tokens"]) if is_cache else None)  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             what = f"lacks the entry {e.args[0]!r}" if isinstance(e, KeyError) else f"is malformed ({e})"
             raise ValueError(f"{path} {what}; re-pack the dataset") from e

@@ -103,8 +103,9 @@ def load_reference_stats(path: str | os.PathLike) -> ReferenceStats:
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
-            ref = ReferenceStats(z["mu"], z["sigma"], int(meta["count"]), meta["dataset"], meta["extractor"],
-                                 int(meta["resolution"]), z["features"] if "features" in z.files else None, path)
+            ref = ReferenceStats(mu_D=z["mu"], sigma_DD=z["sigma"], count=int(meta["count"]), dataset=meta["dataset"],
+                                 extractor=meta["extractor"], resolution=int(meta["resolution"]),
+                                 features_ND=z["features"] if "features" in z.files else None, path=path)
     except FileNotFoundError:
         raise
     except Exception as e:
@@ -141,7 +142,7 @@ def reference_stats(dataset_name: str, resolution: int, extractor: FeatureExtrac
         return ref
     stats, features_ND = compute_reference_stats(extractor, images_iter_fn(), resolution, num_images=num_images,
                                                  max_stored_features=max_stored_features)
-    ref = ReferenceStats(stats.mean.numpy(), stats.cov.numpy(), stats.n, dataset_name, extractor.cache_key,
-                         int(resolution), features_ND, path)
+    ref = ReferenceStats(mu_D=stats.mean.numpy(), sigma_DD=stats.cov.numpy(), count=stats.n, dataset=dataset_name,
+                         extractor=extractor.cache_key, resolution=int(resolution), features_ND=features_ND, path=path)
     save_reference_stats(path, ref)
     return ref

@@ -505,8 +505,8 @@ def _timing(previous: dict | None, stats: list[dict]) -> dict:
     n_before = before.get("timed_images") or 0
     n = n_before + sum(s["images"] for s in stats)
     seconds = (before.get("seconds_per_image") or 0.0) * n_before + sum(s["seconds"] for s in stats)
-    cost = _average_cost([(n_before, before.get("cost_per_image"))] + [(s["images"], s["cost_per_image"]) for s in stats]) \
-        or before.get("cost_per_image")  # fmt: skip
+    cost = (_average_cost([(n_before, before.get("cost_per_image"))] + [(s["images"], s["cost_per_image"]) for s in stats])
+            or before.get("cost_per_image"))  # fmt: skip
     devices = set(before.get("seconds_measured_on") or []) | {s["device"] for s in stats if s["images"]}
     return {"cost_per_image": cost, "seconds_per_image": seconds / n if n else None, "timed_images": n,
             "seconds_measured_on": sorted(devices)}  # fmt: skip

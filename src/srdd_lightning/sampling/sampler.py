@@ -346,7 +346,7 @@ class _Run:
         if doubled and x_BlC is not None:
             x_BlC = torch.cat((x_BlC, x_BlC))
         cond = self.cond_2BD if doubled else self.cond_BD
-        logits = self.gen.forward_scale(j, cond, x_BlC, self.cache, schedule=self.sched)
+        logits = self.gen.forward_scale(j, cond, x_BlC, self.cache, schedule=None if self.cache else self.sched)
         self._charge(j, 2 if doubled else 1, charge_to, who_B)
         if not doubled:
             return logits
@@ -452,10 +452,11 @@ class _Run:
     def decision(self, k: int, st: ScaleSettings, probs_BlV, drawn_Bl) -> RefineDecision:
         x_BlC = None if self.inputs[k] is None else self.inputs[k].flatten(2).transpose(1, 2)
         p_drawn_Bl = probs_BlV.gather(-1, drawn_Bl.unsqueeze(-1)).squeeze(-1)
-        self.stats = ScaleStats(k, self.K, st.pn, st.guidance, st.p_resample, probs_BlV.shape[-1],
-                                torch.special.entr(probs_BlV).sum(-1).mean(-1), probs_BlV.amax(-1).mean(-1),
-                                (p_drawn_Bl < st.p_resample).float().mean(-1), self.labels_B, probs_BlV, drawn_Bl,
-                                x_BlC)
+        self.stats = ScaleStats(
+            scale=k, num_scales=self.K, pn=st.pn, guidance=st.guidance, p_resample=st.p_resample,
+            vocab_size=probs_BlV.shape[-1], entropy_B=torch.special.entr(probs_BlV).sum(-1).mean(-1),
+            max_prob_B=probs_BlV.amax(-1).mean(-1), low_prob_share_B=(p_drawn_Bl < st.p_resample).float().mean(-1),
+            labels_B=self.labels_B, probs_BlV=probs_BlV, tokens_Bl=drawn_Bl, x_BlC=x_BlC)  # fmt: skip
         if self.policy is not None:
             return _as_decision(self.policy(self.stats), k, self.B, self.device)
         steps = st.refine_steps if st.resample != "none" else 0

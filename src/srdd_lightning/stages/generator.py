@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
 from srdd_lightning.callbacks.ema import ema_weights
@@ -340,8 +341,6 @@ class SRDDModule(StageModule, pl.LightningModule):
     def _fsdp_root(self):
         if self._trainer is None:
             return None
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
         model = self.trainer.strategy.model
         return model if isinstance(model, FullyShardedDataParallel) else None
 
@@ -364,8 +363,8 @@ class SRDDModule(StageModule, pl.LightningModule):
         if self.hparams.get("init_from") and not self._weights_set:
             self.load_initial_weights(self.hparams.init_from)
         if stage == "fit":
-            if self.hparams.get("tf32", True) and torch.cuda.is_available() and self.device.type == "cuda" \
-                    and torch.cuda.get_device_capability(self.device)[0] >= 8:
+            if (self.hparams.get("tf32", True) and torch.cuda.is_available() and self.device.type == "cuda"
+                    and torch.cuda.get_device_capability(self.device)[0] >= 8):
                 torch.set_float32_matmul_precision("high")
                 torch.backends.cudnn.allow_tf32 = True
             if self.hparams.get("compile") and self.generator._compiled_call_impl is None:
@@ -450,8 +449,9 @@ class SRDDModule(StageModule, pl.LightningModule):
         """The EMA weights in ``self.generator`` inside the block (full parameters under FSDP; all ranks enter it)."""
         self._tokenizer_to_device()
         root = self._fsdp_root()
-        with ema_weights(self), (contextlib.nullcontext() if root is None
-                                 else root.summon_full_params(root, writeback=False, recurse=True)):
+        full = (contextlib.nullcontext() if root is None
+                else FullyShardedDataParallel.summon_full_params(root, writeback=False, recurse=True))
+        with ema_weights(self), full:
             yield self.generator
 
     def sampler(self):

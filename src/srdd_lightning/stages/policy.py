@@ -287,8 +287,8 @@ class ResamplingPolicyModule(StageModule, pl.LightningModule):
         self.sampling, self.critic_opts, self.step_opts, self.reward_opts, self.optim = sampling, critic, steps, reward, optim
 
         # ---- the frozen generator, outside the module tree
-        gen_module = generator_ckpt if isinstance(generator_ckpt, nn.Module) else \
-            load_generator(resolve_checkpoint(generator_ckpt, GENERATOR_OPTION), ema=generator_ema)  # fmt: skip
+        gen_module = (generator_ckpt if isinstance(generator_ckpt, nn.Module)
+                      else load_generator(resolve_checkpoint(generator_ckpt, GENERATOR_OPTION), ema=generator_ema))
         gen_module.eval().requires_grad_(False)
         self._gen, gen = _Shared(gen_module), gen_module.generator
         path = getattr(gen_module, "checkpoint_path", None) or str(generator_ckpt)
@@ -312,8 +312,8 @@ class ResamplingPolicyModule(StageModule, pl.LightningModule):
         use_critic = objective == "critic" or reward.critic_ckpt is not None
         self.critic_net = TokenCriticNet(TokenCriticConfig(gen.config.latent_dim, K, gen.num_classes, critic.width,
                                                            critic.depth)) if use_critic else None  # fmt: skip
-        self.step_net = StepPolicyNet(StepPolicyConfig(K, len(steps.actions), hidden=steps.hidden)) \
-            if objective == "reinforce" else None  # fmt: skip
+        self.step_net = (StepPolicyNet(StepPolicyConfig(K, len(steps.actions), hidden=steps.hidden))
+                         if objective == "reinforce" else None)
         if objective == "reinforce" and self.critic_net is not None:
             self.critic_net.requires_grad_(False)  # trained by the critic objective; loaded in setup
         self.register_buffer("baseline", torch.zeros(1))  # REINFORCE's running mean reward, once baseline_steps > 0
@@ -412,8 +412,8 @@ class ResamplingPolicyModule(StageModule, pl.LightningModule):
             x_BLC = tok.teacher_forcing_inputs(tokens, sched)
         settings = scale_settings(self.sampling, sched)
         cond = gen(labels_B, x_BLC, schedule=sched)
-        uncond = gen(torch.full_like(labels_B, gen.null_class), x_BLC, schedule=sched) \
-            if any(st.guidance > 0 for st in settings) else None  # fmt: skip
+        uncond = (gen(torch.full_like(labels_B, gen.null_class), x_BLC, schedule=sched)
+                  if any(st.guidance > 0 for st in settings) else None)
         out, start, n0 = [], 0, sched[0] ** 2  # x_BLC starts at the second scale
         for st, t in zip(settings, tokens):
             n = st.pn * st.pn
