@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 9's size criterion, like for like: the src tree of 40a76d0 without the three features that came after the
-# 057518d tree it was measured on (stage 3's resampling policy, the fewer-scale students, the token cache), against
-# 057518d itself. Lines are `wc -l` of every tracked src/*.py, as the issue counted them.
+# a6e1da6 tree it was measured on (stage 3's resampling policy, the fewer-scale students, the token cache), against
+# a6e1da6 itself. Lines are `wc -l` of every tracked src/*.py, as the issue counted them.
 #
 #   bash docs/results/core-size/measure.sh          # the two counts (seconds)
 #   bash docs/results/core-size/measure.sh --test   # and the test suite on the reduced tree (about 5 min, needs .venv)
@@ -9,7 +9,7 @@
 # Needs the repository's full history (a shallow clone lacks the two commits: git fetch --unshallow).
 set -euo pipefail
 
-BEFORE=057518d  # the tree issue 9 counted: 8,681 lines
+BEFORE=a6e1da6  # the tree issue 9 counted: 8,690 lines
 AT=40a76d0      # main when this was measured (2026-12-04)
 # Files that exist only for the later features; later-features.patch removes their hooks in the other files.
 LATER_FILES=(src/srdd_lightning/stages/policy.py src/srdd_lightning/models/policy.py
